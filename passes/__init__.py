@@ -1,0 +1,2 @@
+"""qlfx's passes, one per module. Importing this package registers them all."""
+from . import constant_fold, dce, fold_bn  # noqa: F401

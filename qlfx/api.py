@@ -1,0 +1,133 @@
+"""``qlfx.compile``: model -> trace -> [pass -> verify]* -> Compiled."""
+from __future__ import annotations
+
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from . import ir
+from .errors import UsageError
+from .pass_manager import Pass, PassContext, PassManager, Report, parse_pipeline
+from .verify import Tolerance
+
+DEFAULT_PIPELINE = "fold-bn,constant-fold,dce"
+
+
+class Compiled:
+    """The result of :func:`compile`: callable like the model, with the rewritten graph and the report."""
+
+    def __init__(self, graph_module: fx.GraphModule, report: Report, passes: list[Pass], context: PassContext):
+        self.graph_module = graph_module
+        self.report = report
+        self.passes = passes
+        self.context = context
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.graph_module(*args, **kwargs)
+
+    @property
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return self.context.example_inputs
+
+    def to_onnx(self, path, **kwargs):
+        """Write the graph as an ONNX model (see :mod:`qlfx.emit.onnx`)."""
+        from .emit.onnx import export_onnx
+
+        return export_onnx(self.graph_module, self.example_inputs, path, **kwargs)
+
+    def to_tvm(self, target="llvm", **kwargs):
+        """Build the graph as a TVM module (see :mod:`qlfx.emit.tvm`)."""
+        from .emit.tvm import build_tvm
+
+        return build_tvm(self.graph_module, self.example_inputs, target=target, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Compiled(passes={self.passes!r})"
+
+
+def _check_model(model: nn.Module) -> None:
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"qlfx.compile takes a torch.nn.Module, got {type(model).__name__}")
+    if model.training:
+        raise UsageError(
+            "the model is in training mode: batchnorm would use batch statistics and dropout would be random, "
+            "so no rewrite could be checked. Call model.eval() before qlfx.compile (your model is unchanged)."
+        )
+    bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+        raise UsageError(f"the model has NaN or Inf in {shown}; fix or re-load those weights before compiling")
+
+
+def _check_runs(model: nn.Module, example_inputs: Sequence[torch.Tensor]) -> None:
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as err:
+        described = ", ".join(f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in example_inputs)
+        raise UsageError(
+            f"the model fails on the example inputs ({described}): {type(err).__name__}: "
+            f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}\n"
+            f"  Give example inputs of the shape and dtype the model expects (CLI: --input-shape N,C,H,W)."
+        ) from err
+
+
+def load_calibration(calibration, example_inputs: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """Calibration data -> list of input tuples. Accepts a tensor/array batch (split along dim 0 into
+    batches shaped like the example input), a list of tensors, or a list of input tuples."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, np.ndarray):
+        calibration = torch.from_numpy(calibration)
+    example = example_inputs[0]
+    if isinstance(calibration, torch.Tensor):
+        if calibration.shape[1:] != example.shape[1:]:
+            raise UsageError(
+                f"calibration data has shape {tuple(calibration.shape)}; each sample must be "
+                f"{tuple(example.shape[1:])} like the example input"
+            )
+        calibration = calibration.to(example.dtype)
+        step = max(1, example.shape[0])
+        return [(calibration[i:i + step],) for i in range(0, calibration.shape[0], step)]
+    sets = []
+    for item in calibration:
+        sets.append(tuple(item) if isinstance(item, (tuple, list)) else (item,))
+    return sets
+
+
+def compile(
+    model: nn.Module,
+    passes: str | Iterable[str | Pass] | None = DEFAULT_PIPELINE,
+    example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
+    calibration: Any = None,
+    verify: bool = True,
+    tolerance: Tolerance | float | None = None,
+    instruments: Sequence[Any] = (),
+    config: dict[str, Any] | None = None,
+    leaf_modules: Iterable[type | str] = (),
+    verify_inputs: int = 2,
+    seed: int = 0,
+) -> Compiled:
+    """Trace ``model`` and run ``passes`` on it, checking equivalence after every pass.
+
+    ``tolerance``: a float (relative to max|reference|, see :mod:`qlfx.verify`) or a Tolerance.
+    The user's model is never modified: tracing works on a deep copy.
+    """
+    example_inputs = ir.check_example_inputs(example_inputs)
+    _check_model(model)
+    pipeline = parse_pipeline(passes)  # bad pass names fail before any work
+    _check_runs(model, example_inputs)
+    gm = ir.trace(model, example_inputs, leaf_modules=leaf_modules)
+    ctx = PassContext(example_inputs=tuple(example_inputs),
+                      calibration=load_calibration(calibration, example_inputs), config=dict(config or {}))
+    if isinstance(tolerance, (int, float)):
+        tolerance = Tolerance(rel=float(tolerance))
+    manager = PassManager(pipeline, instruments=instruments, verify=verify, tolerance=tolerance,
+                          verify_inputs=verify_inputs, seed=seed)
+    gm, report = manager.run(gm, ctx)
+    return Compiled(gm, report, pipeline, ctx)

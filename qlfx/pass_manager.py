@@ -1,0 +1,319 @@
+"""Passes, their registry, pipelines, and the pass manager that verifies after every pass.
+
+A pass is a class with a kebab-case ``name``, a one-line ``description``, a ``contract`` and a
+``run(gm, ctx) -> PassResult`` that rewrites ``gm`` in place (the manager hands it a copy, so the graph
+before the pass survives as the reference and as the last good graph):
+
+- ``exact``: outputs are bit-identical (checked with tolerance 0);
+- ``equivalent``: the same function up to float rounding (checked with the dtype tolerance);
+- ``lossy``: changes the function within a budget the user sets (checked against that budget).
+
+Pipelines are lists of names/Pass objects or strings ``"fold-bn,dce"``; options go in angle brackets,
+LLVM style: ``"slice<budget=0.01>,dce"``.
+"""
+from __future__ import annotations
+
+import difflib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+
+from . import ir
+from .errors import EquivalenceError, UnknownPassError, UsageError
+from .verify import EquivalenceCheck, Tolerance, check_equivalence, first_divergence, random_inputs
+
+CONTRACTS = ("exact", "equivalent", "lossy")
+
+
+@dataclass
+class Skip:
+    """A place a pass looked at and left alone, and why."""
+
+    site: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.site}: {self.reason}"
+
+
+@dataclass
+class PassResult:
+    changed: bool
+    rewrites: list[str] = field(default_factory=list)  # sites rewritten, in order
+    skipped: list[Skip] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Pass:
+    """Base class. Subclasses set ``name``, ``description``, ``contract`` and implement ``run``.
+
+    ``options`` are keyword arguments from the pipeline string or the constructor; a pass declares the
+    ones it takes in ``option_defaults``.
+    """
+
+    name: str = ""
+    description: str = ""
+    contract: str = "equivalent"
+    option_defaults: dict[str, Any] = {}
+
+    def __init__(self, **options):
+        unknown = set(options) - set(self.option_defaults)
+        if unknown:
+            raise UsageError(
+                f"pass '{self.name}' has no option(s) {sorted(unknown)}; it takes {sorted(self.option_defaults) or 'none'}"
+            )
+        self.options = {**self.option_defaults, **options}
+
+    def run(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in self.options.items() if self.option_defaults.get(k) != v)
+        return f"{self.name}<{opts}>" if opts else self.name
+
+
+# ------------------------------------------------------------------------------------------ registry
+_REGISTRY: dict[str, type[Pass]] = {}
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Class decorator adding a pass to the registry (names must be unique and kebab-case)."""
+    if not cls.name or cls.name != cls.name.lower() or " " in cls.name or "_" in cls.name:
+        raise ValueError(f"pass name {cls.name!r} must be non-empty kebab-case")
+    if cls.contract not in CONTRACTS:
+        raise ValueError(f"pass {cls.name}: contract must be one of {CONTRACTS}")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two passes named {cls.name!r}: {_REGISTRY[cls.name]} and {cls}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_builtin_passes() -> None:
+    import qlfx.passes  # noqa: F401  (importing registers them)
+
+
+def list_passes() -> dict[str, type[Pass]]:
+    """The registry: pass name -> pass class (each has .description and .contract)."""
+    _load_builtin_passes()
+    return dict(sorted(_REGISTRY.items()))
+
+
+def get_pass(name: str, **options) -> Pass:
+    _load_builtin_passes()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, list(_REGISTRY), n=1, cutoff=0.5)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UnknownPassError(
+            f"unknown pass '{name}'.{hint} Known passes: {', '.join(sorted(_REGISTRY))} (see `qlfx passes`)"
+        )
+    return _REGISTRY[name](**options)
+
+
+def _parse_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _split_top(spec: str) -> list[str]:
+    """Split on commas that are not inside <...>."""
+    parts, depth, cur = [], 0, ""
+    for ch in spec:
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_pipeline(spec: str | Iterable[str | Pass] | None) -> list[Pass]:
+    """Turn ``"fold-bn,slice<budget=0.01>"`` or a list of names / Pass objects into Pass objects."""
+    if spec is None:
+        return []
+    items = _split_top(spec) if isinstance(spec, str) else list(spec)
+    passes = []
+    for item in items:
+        if isinstance(item, Pass):
+            passes.append(item)
+            continue
+        if isinstance(item, type) and issubclass(item, Pass):
+            passes.append(item())
+            continue
+        if not isinstance(item, str):
+            raise UsageError(f"a pipeline holds pass names or Pass objects, not {type(item).__name__}")
+        name, options = item, {}
+        if "<" in item:
+            if not item.endswith(">"):
+                raise UsageError(f"bad pass options in '{item}': write name<key=value,key=value>")
+            name, body = item[:-1].split("<", 1)
+            for kv in filter(None, (s.strip() for s in body.split(";" if ";" in body else ","))):
+                if "=" not in kv:
+                    raise UsageError(f"bad pass option '{kv}' in '{item}': write key=value")
+                k, v = kv.split("=", 1)
+                options[k.strip()] = _parse_value(v.strip())
+        passes.append(get_pass(name.strip(), **options))
+    return passes
+
+
+# ------------------------------------------------------------------------------------- the manager
+@dataclass
+class PassContext:
+    """What a pass may read besides the graph."""
+
+    example_inputs: tuple[torch.Tensor, ...]
+    calibration: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    # For bisection: the most rewrites a pass may apply (None: no limit). Passes that rewrite site by
+    # site call ``ctx.allow_rewrite()`` before each one.
+    rewrite_limit: int | None = None
+    _rewrites_done: int = 0
+
+    def allow_rewrite(self) -> bool:
+        if self.rewrite_limit is not None and self._rewrites_done >= self.rewrite_limit:
+            return False
+        self._rewrites_done += 1
+        return True
+
+
+@dataclass
+class ReportRow:
+    pass_name: str
+    contract: str
+    changed: bool
+    check: EquivalenceCheck | None
+    seconds: float
+    params: int
+    nonzero: int
+    result: PassResult | None = None
+
+
+@dataclass
+class Report:
+    rows: list[ReportRow] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        head = ("pass", "contract", "changed", "max abs err", "max rel err", "tol needed", "seconds",
+                "params", "nonzero")
+        lines = []
+        for r in self.rows:
+            c = r.check
+            lines.append((
+                r.pass_name, r.contract, "yes" if r.changed else "no",
+                f"{c.max_abs:.2e}" if c else "-", f"{c.max_rel:.2e}" if c else "-",
+                f"{c.needed:.2e}" if c else "-", f"{r.seconds:.3f}", f"{r.params:,}", f"{r.nonzero:,}",
+            ))
+        widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
+        fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]
+        out += [fmt.format(*l) for l in lines]
+        notes = []
+        for r in self.rows:
+            if r.result is None:
+                continue
+            for s in r.result.skipped:
+                notes.append(f"  [{r.pass_name}] skipped {s}")
+            for n in r.result.notes:
+                notes.append(f"  [{r.pass_name}] {n}")
+        if notes:
+            out += ["", "notes:"] + notes
+        return "\n".join(out)
+
+    def to_dict(self) -> list[dict[str, Any]]:
+        return [
+            {"pass": r.pass_name, "contract": r.contract, "changed": r.changed, "seconds": r.seconds,
+             "params": r.params, "nonzero": r.nonzero,
+             "max_abs": r.check.max_abs if r.check else None, "max_rel": r.check.max_rel if r.check else None,
+             "tol_needed": r.check.needed if r.check else None,
+             "rewrites": r.result.rewrites if r.result else [],
+             "skipped": [str(s) for s in r.result.skipped] if r.result else []}
+            for r in self.rows
+        ]
+
+
+class PassManager:
+    """Runs passes in order; after each one checks the new graph against the graph before it.
+
+    ``tolerance`` overrides the dtype default for ``equivalent`` passes; a ``lossy`` pass is checked
+    against ``ctx.config[pass name]["budget"]`` (a relative tolerance) or its own ``budget`` option.
+    """
+
+    def __init__(self, passes: Sequence[Pass], instruments: Sequence[Any] = (), verify: bool = True,
+                 tolerance: Tolerance | None = None, verify_inputs: int = 2, seed: int = 0):
+        self.passes = list(passes)
+        self.instruments = list(instruments)
+        self.verify = verify
+        self.tolerance = tolerance or Tolerance()
+        self.verify_inputs = verify_inputs
+        self.seed = seed
+
+    def _tolerance_for(self, p: Pass) -> Tolerance:
+        if p.contract == "exact":
+            return Tolerance.exact()
+        if p.contract == "lossy":
+            budget = p.options.get("budget")
+            if budget is None:
+                raise UsageError(f"lossy pass '{p.name}' needs a budget: {p.name}<budget=0.01>")
+            return Tolerance(rel=float(budget), abs=self.tolerance.abs)
+        return self.tolerance
+
+    def input_sets(self, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
+        return random_inputs(ctx.example_inputs, self.seed, self.verify_inputs) + list(ctx.calibration)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext, report: Report | None = None) -> tuple[fx.GraphModule, Report]:
+        report = report if report is not None else Report()
+        params, nonzero = ir.count_params(gm)
+        report.rows.append(ReportRow("(input)", "-", False, None, 0.0, params, nonzero))
+        for inst in self.instruments:
+            inst.on_start(gm)
+        for index, p in enumerate(self.passes, start=1):
+            for inst in self.instruments:
+                inst.before_pass(index, p, gm)
+            candidate = ir.copy_graph_module(gm)
+            ctx._rewrites_done = 0
+            start = time.perf_counter()
+            result = p.run(candidate, ctx)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"pass '{p.name}' returned {type(result).__name__}, not PassResult")
+            candidate.graph.lint()
+            candidate.recompile()
+            ir.stamp_origin(candidate, p.name)
+            ir.propagate_shapes(candidate, ctx.example_inputs)
+            seconds = time.perf_counter() - start
+            check = None
+            if self.verify:
+                tol = self._tolerance_for(p)
+                inputs = self.input_sets(ctx)
+                check = check_equivalence(gm, candidate, inputs, tol)
+                if not check.passed:
+                    divergence = first_divergence(gm, candidate, inputs[0], tol)
+                    params, nonzero = ir.count_params(candidate)
+                    report.rows.append(ReportRow(p.name, p.contract, result.changed, check, seconds, params,
+                                                 nonzero, result))
+                    for inst in self.instruments:
+                        inst.after_pass(index, p, candidate, result, check)
+                    raise EquivalenceError(p.name, check, divergence, gm, report)
+            params, nonzero = ir.count_params(candidate)
+            report.rows.append(ReportRow(p.name, p.contract, result.changed, check, seconds, params, nonzero, result))
+            for inst in self.instruments:
+                inst.after_pass(index, p, candidate, result, check)
+            gm = candidate
+        for inst in self.instruments:
+            inst.on_end(gm)
+        return gm, report
+
+
+PassFactory = Callable[[], Pass]

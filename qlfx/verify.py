@@ -1,0 +1,198 @@
+"""Equivalence checking between two graphs (Polygraphy-style compare).
+
+The rule, per output: ``max|new - ref| <= tol * max|ref| + atol`` where ``tol`` defaults by dtype
+(fp32: 1e-4, fp64: 1e-10, fp16/bf16: 1e-2) and ``atol`` defaults to 0. The smallest ``tol`` that would
+have passed (``needed``) is ``max|new - ref| / max|ref|``. A NaN or Inf in a new output where the
+reference value is finite always fails. When outputs fail, :func:`first_divergence` runs both graphs
+node by node and names the first value (in the new graph's order) that is present in both graphs and
+differs beyond the same rule.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from .ir import ORIGIN, value_key
+
+DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+@dataclass
+class Tolerance:
+    """``max|new-ref| <= rel * max|ref| + abs`` per output. ``rel=None`` takes the dtype default."""
+
+    rel: float | None = None
+    abs: float = 0.0
+
+    def rel_for(self, dtype: torch.dtype) -> float:
+        return self.rel if self.rel is not None else DEFAULT_TOL.get(dtype, 1e-4)
+
+    @classmethod
+    def exact(cls) -> "Tolerance":
+        return cls(rel=0.0, abs=0.0)
+
+
+@dataclass
+class OutputComparison:
+    index: int
+    shape: tuple[int, ...]
+    max_abs: float
+    max_rel: float  # elementwise |new-ref| / |ref| over elements with |ref| > 1e-6 * max|ref|
+    ref_max: float
+    needed: float  # the smallest rel tolerance that passes: max_abs / max|ref|
+    allowed: float
+    new_nonfinite: int
+    passed: bool
+
+    def __str__(self) -> str:
+        extra = f", {self.new_nonfinite} new NaN/Inf" if self.new_nonfinite else ""
+        return (f"output {self.index}: max abs {self.max_abs:.3g}, max rel {self.max_rel:.3g}, "
+                f"needs tol {self.needed:.3g} (allowed {self.allowed:.3g}){extra}")
+
+
+@dataclass
+class EquivalenceCheck:
+    outputs: list[OutputComparison] = field(default_factory=list)
+    inputs_checked: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    @property
+    def needed(self) -> float:
+        return max((o.needed for o in self.outputs), default=0.0)
+
+    def summary(self) -> str:
+        bad = [o for o in self.outputs if not o.passed] or self.outputs
+        return "; ".join(str(o) for o in bad) + f" over {self.inputs_checked} input set(s)"
+
+
+@dataclass
+class Divergence:
+    node: str
+    op: str
+    target: str
+    created_by: str
+    max_abs: float
+    needed: float
+
+    def __str__(self) -> str:
+        return (f"%{self.node} ({self.op} {self.target}, made by {self.created_by}): max abs "
+                f"{self.max_abs:.3g}, needs tol {self.needed:.3g}")
+
+
+def random_inputs(examples: Sequence[torch.Tensor], seed: int, count: int) -> list[tuple[torch.Tensor, ...]]:
+    """``count`` seeded random input sets shaped like ``examples`` (normal for floats, the example's own
+    values for integer inputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    sets = []
+    for _ in range(count):
+        one = []
+        for t in examples:
+            if t.is_floating_point():
+                one.append(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype))
+            else:
+                one.append(t.clone())
+        sets.append(tuple(one))
+    return sets
+
+
+def run_outputs(gm: torch.nn.Module, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = gm(*inputs)
+    flat, _ = tree_flatten(out)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+def compare_tensor(ref: torch.Tensor, new: torch.Tensor, tol: Tolerance, index: int = 0) -> OutputComparison:
+    ref64, new64 = ref.detach().double(), new.detach().double()
+    if ref64.shape != new64.shape:
+        return OutputComparison(index, tuple(new64.shape), float("inf"), float("inf"), 0.0, float("inf"),
+                                0.0, 0, False)
+    ref_finite = torch.isfinite(ref64)
+    new_nonfinite = int((~torch.isfinite(new64) & ref_finite).sum())
+    both = ref_finite & torch.isfinite(new64)
+    diff = (new64 - ref64).abs()[both]
+    refs = ref64.abs()[both]
+    max_abs = float(diff.max()) if diff.numel() else 0.0
+    ref_max = float(refs.max()) if refs.numel() else 0.0
+    significant = refs > 1e-6 * ref_max
+    max_rel = float((diff[significant] / refs[significant]).max()) if bool(significant.any()) else 0.0
+    needed = max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else float("inf"))
+    if new_nonfinite:
+        needed = float("inf")
+    allowed = tol.rel_for(ref.dtype) * ref_max + tol.abs
+    passed = new_nonfinite == 0 and max_abs <= allowed
+    return OutputComparison(index, tuple(new64.shape), max_abs, max_rel, ref_max, needed,
+                            tol.rel_for(ref.dtype), new_nonfinite, passed)
+
+
+def _merge(a: OutputComparison | None, b: OutputComparison) -> OutputComparison:
+    """Worst case over several input sets."""
+    if a is None:
+        return b
+    return OutputComparison(
+        a.index, a.shape, max(a.max_abs, b.max_abs), max(a.max_rel, b.max_rel), max(a.ref_max, b.ref_max),
+        max(a.needed, b.needed), a.allowed, a.new_nonfinite + b.new_nonfinite, a.passed and b.passed,
+    )
+
+
+def check_equivalence(reference: torch.nn.Module, candidate: torch.nn.Module,
+                      input_sets: Sequence[Sequence[torch.Tensor]], tol: Tolerance) -> EquivalenceCheck:
+    """Run both on every input set and compare every output under ``tol``."""
+    worst: list[OutputComparison | None] = []
+    for inputs in input_sets:
+        refs, news = run_outputs(reference, inputs), run_outputs(candidate, inputs)
+        if len(refs) != len(news):
+            raise ValueError(f"the graphs return {len(refs)} and {len(news)} tensors")
+        if not worst:
+            worst = [None] * len(refs)
+        for i, (r, n) in enumerate(zip(refs, news)):
+            worst[i] = _merge(worst[i], compare_tensor(r, n, tol, i))
+    return EquivalenceCheck([w for w in worst if w is not None], len(input_sets))
+
+
+def record_values(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor value the graph computes, keyed by :func:`qlfx.ir.value_key`."""
+    values: dict[str, torch.Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor) and n.op not in ("get_attr", "output"):
+                values[value_key(n)] = out.detach().clone()
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*inputs)
+    return values
+
+
+def first_divergence(reference: fx.GraphModule, candidate: fx.GraphModule, inputs: Sequence[torch.Tensor],
+                     tol: Tolerance) -> Divergence | None:
+    """The first node of ``candidate`` whose value also exists in ``reference`` and differs beyond
+    ``tol`` (relative to that value's own max), or None."""
+    ref_values = record_values(reference, inputs)
+    new_values = record_values(candidate, inputs)
+    for node in candidate.graph.nodes:
+        key = value_key(node)
+        if node.op in ("placeholder", "get_attr", "output") or key not in ref_values or key not in new_values:
+            continue
+        cmp = compare_tensor(ref_values[key], new_values[key], tol)
+        if not cmp.passed:
+            target = getattr(node.target, "__name__", str(node.target))
+            return Divergence(node.name, node.op, target, node.meta.get(ORIGIN, "?"), cmp.max_abs, cmp.needed)
+    return None
