@@ -1,0 +1,141 @@
+"""Load and run a module written by :meth:`qlfx.emit.tvm.TVMModule.export` -- with tvm and numpy only.
+
+This module must not import torch (nor any qlfx module that does): it is what a deployment needs.
+
+An export is two files side by side::
+
+    model.so     the compiled Relax VM executable (kernels + VM bytecode + baked-in weights)
+    model.json   metadata: {"format": "qlfx-tvm", "version": 1, "entry": "main",
+                            "inputs": [{"name", "shape", "dtype"}...], "num_outputs": n,
+                            "outputs": [{"shape", "dtype"}...], "target": "...", "device": "cpu"|"cuda"}
+
+Usage::
+
+    from qlfx.emit.tvm_runtime import load
+    model = load("model.so")                 # or the .json path
+    (logits,) = model(np.random.randn(1, 3, 224, 224).astype("float32"))
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+FORMAT = "qlfx-tvm"
+FORMAT_VERSION = 1
+
+
+def metadata_path(path: str | os.PathLike) -> Path:
+    """The JSON metadata file that goes with a ``.so`` export (same name, ``.json`` suffix)."""
+    return Path(path).with_suffix(".json")
+
+
+def library_path(path: str | os.PathLike) -> Path:
+    return Path(path).with_suffix(".so")
+
+
+def device_for(kind: str, index: int = 0):
+    """tvm device for a target kind name ("llvm"/"c" -> cpu, "cuda" -> cuda)."""
+    import tvm
+
+    if kind in ("llvm", "c", "cpu"):
+        return tvm.cpu(index)
+    if kind == "cuda":
+        return tvm.cuda(index)
+    raise ValueError(f"no tvm device for target kind {kind!r}; expected llvm or cuda")
+
+
+class VMRunner:
+    """A Relax VM over a built executable, run on numpy arrays; shared by the builder and the loader.
+
+    ``__call__(*arrays)`` -> list of numpy arrays (always a list, one per graph output).
+    """
+
+    def __init__(self, executable: Any, device, inputs: Sequence[dict], num_outputs: int, entry: str = "main"):
+        import tvm
+        from tvm import relax
+
+        self.device = device
+        self.inputs = [dict(i) for i in inputs]
+        self.num_outputs = int(num_outputs)
+        self.entry = entry
+        self._vm = relax.VirtualMachine(executable, device)
+        self._fn = self._vm[entry]
+        self._tvm = tvm
+
+    def check_inputs(self, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if len(arrays) != len(self.inputs):
+            raise ValueError(
+                f"the module takes {len(self.inputs)} input(s) "
+                f"({', '.join(i['name'] for i in self.inputs)}); got {len(arrays)}"
+            )
+        checked = []
+        for spec, a in zip(self.inputs, arrays):
+            a = np.ascontiguousarray(a)
+            if tuple(a.shape) != tuple(spec["shape"]):
+                raise ValueError(
+                    f"input '{spec['name']}' must have shape {tuple(spec['shape'])} (the module was built for "
+                    f"static shapes); got {tuple(a.shape)}. Rebuild with example inputs of the new shape."
+                )
+            if str(a.dtype) != spec["dtype"]:
+                a = a.astype(spec["dtype"])
+            checked.append(a)
+        return checked
+
+    def to_device(self, arrays: Sequence[np.ndarray]) -> list:
+        return [self._tvm.runtime.tensor(a, self.device) for a in self.check_inputs(arrays)]
+
+    def run_device(self, device_inputs: Sequence) -> Any:
+        """Run on tensors already on the device; returns the raw VM result (for timing loops)."""
+        return self._fn(*device_inputs)
+
+    def __call__(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        result = self.run_device(self.to_device(arrays))
+        return _flatten_outputs(result)
+
+    def time_evaluator(self, number: int = 10, repeat: int = 3, min_repeat_ms: int = 0):
+        """tvm's own timer over the entry function (seconds per run for each repeat)."""
+        return self._vm.time_evaluator(self.entry, self.device, number=number, repeat=repeat,
+                                       min_repeat_ms=min_repeat_ms)
+
+
+def _flatten_outputs(result: Any) -> list[np.ndarray]:
+    if hasattr(result, "numpy"):
+        return [result.numpy()]
+    out: list[np.ndarray] = []
+    for item in result:  # a tvm Array/tuple of tensors (possibly nested)
+        out.extend(_flatten_outputs(item))
+    return out
+
+
+class LoadedModule(VMRunner):
+    """A module loaded from an export. ``model(*numpy_arrays)`` -> list of numpy arrays."""
+
+    def __init__(self, library: Any, metadata: dict, device=None):
+        device = device if device is not None else device_for(metadata.get("device", "cpu"))
+        super().__init__(library, device, metadata["inputs"], metadata["num_outputs"], metadata.get("entry", "main"))
+        self.metadata = metadata
+
+
+def load(path: str | os.PathLike, device=None) -> LoadedModule:
+    """Load ``path`` (the ``.so`` or its ``.json``) written by ``TVMModule.export``."""
+    import tvm
+
+    so, meta_file = library_path(path), metadata_path(path)
+    for f, what in ((so, "compiled library"), (meta_file, "metadata")):
+        if not f.exists():
+            raise FileNotFoundError(
+                f"{what} '{f}' not found: an export is a .so plus a .json of the same name; "
+                f"write both with TVMModule.export('{so}')"
+            )
+    metadata = json.loads(meta_file.read_text())
+    if metadata.get("format") != FORMAT or int(metadata.get("version", 0)) > FORMAT_VERSION:
+        raise ValueError(
+            f"'{meta_file}' is not a qlfx TVM export this loader understands "
+            f"(format={metadata.get('format')!r}, version={metadata.get('version')!r})"
+        )
+    library = tvm.runtime.load_module(str(so))
+    return LoadedModule(library, metadata, device)

@@ -1,0 +1,143 @@
+"""qlfx's custom torch ops. Importing this module registers them (importing again is harmless).
+
+``torch.ops.qlfx.branch_product`` — the product of two linear branches of the same input
+=====================================================================================
+
+Schema::
+
+    qlfx::branch_product(Tensor x, Tensor weight_a, Tensor? bias_a, Tensor weight_b, Tensor? bias_b,
+                         int[] stride, int[] padding_b, int[] dilation_b, int groups_b) -> Tensor
+
+Math, for x of shape (N, C, H, W)::
+
+    a   = conv2d(x, weight_a, bias_a, stride, padding=0)          weight_a: [M, C, 1, 1], groups 1
+    b   = conv2d(x, weight_b, bias_b, stride, padding_b, dilation_b, groups_b)
+    out = a * b                                                   (N, M, H', W'), no broadcasting
+
+i.e. per output pixel ``out[:, m] = (w_a[m] . x[:, p] + c_a[m]) * (sum_taps w_b[m] . x[:, p + tap] + c_b[m])``.
+Two kinds occur in QLNets (the fuse-product pass makes both):
+
+- **pointwise**: weight_b is [M, C, 1, 1], groups_b = 1, padding_b = 0. The authors' PDEBlock
+  ``z = conv1x1(u); z[:, :M] * z[:, M:]`` (weight_a, weight_b = the two row halves of the conv) and
+  GLU-style gating ``conv_a(u) * conv_b(u)``. One GEMM with 2M output rows whose epilogue multiplies
+  row m by row M + m.
+- **depthwise**: weight_b is [M, 1, k, k] with groups_b = C (output channel j reads input channel
+  j // (M / C)), the paper's Eq.(3) ``conv1x1_a(u) * dw3x3(u)``.
+
+The a-branch always has padding 0, so the two branches produce the same H' x W' only when
+``padding_b`` matches the b-kernel's extent (e.g. 1 for a 3x3 with dilation 1); the op checks it.
+The reference implementation below is two ``F.conv2d`` calls and a multiply: the op exists so that a
+graph can name the fused computation and emitters (ONNX function ``qlfx.BranchProduct``, TVM kernels
+in :mod:`qlfx.kernels`) can lower it to one kernel.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["branch_product", "BRANCH_PRODUCT_SCHEMA", "branch_product_reference", "branch_product_kind"]
+
+BRANCH_PRODUCT_SCHEMA = (
+    "(Tensor x, Tensor weight_a, Tensor? bias_a, Tensor weight_b, Tensor? bias_b, int[] stride, "
+    "int[] padding_b, int[] dilation_b, int groups_b) -> Tensor"
+)
+
+
+def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _check_shapes(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b) -> tuple[int, ...]:
+    """Validate the arguments; return the output shape (N, M, H', W')."""
+    torch._check(x.dim() == 4, lambda: f"branch_product: x must be (N, C, H, W), got {x.dim()} dims")
+    torch._check(weight_a.dim() == 4 and tuple(weight_a.shape[2:]) == (1, 1),
+                 lambda: f"branch_product: weight_a must be [M, C, 1, 1], got {tuple(weight_a.shape)}")
+    torch._check(weight_a.shape[1] == x.shape[1],
+                 lambda: f"branch_product: weight_a reads {weight_a.shape[1]} channels, x has {x.shape[1]}")
+    torch._check(weight_b.dim() == 4 and weight_b.shape[0] == weight_a.shape[0],
+                 lambda: f"branch_product: weight_b must be [M, C/groups_b, k, k] with M = "
+                         f"{weight_a.shape[0]}, got {tuple(weight_b.shape)}")
+    torch._check(weight_b.shape[1] * groups_b == x.shape[1],
+                 lambda: f"branch_product: weight_b reads {weight_b.shape[1]} x {groups_b} groups channels, "
+                         f"x has {x.shape[1]}")
+    for name, bias in (("bias_a", bias_a), ("bias_b", bias_b)):
+        torch._check(bias is None or tuple(bias.shape) == (weight_a.shape[0],),
+                     lambda: f"branch_product: {name} must be [{weight_a.shape[0]}]")
+    torch._check(len(stride) == 2 and len(padding_b) == 2 and len(dilation_b) == 2,
+                 lambda: "branch_product: stride, padding_b and dilation_b take two ints each")
+    h_a, w_a = (_output_size(x.shape[2 + i], 1, stride[i], 0, 1) for i in range(2))
+    h_b, w_b = (_output_size(x.shape[2 + i], weight_b.shape[2 + i], stride[i], padding_b[i], dilation_b[i])
+                for i in range(2))
+    torch._check((h_a, w_a) == (h_b, w_b),
+                 lambda: f"branch_product: the branches give different sizes, {(h_a, w_a)} vs {(h_b, w_b)}; "
+                         f"padding_b must match weight_b's extent")
+    return (x.shape[0], weight_a.shape[0], h_a, w_a)
+
+
+def branch_product_reference(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b):
+    """The op's definition in plain torch (also the CPU/any-device implementation)."""
+    a = F.conv2d(x, weight_a, bias_a, stride, 0, 1, 1)
+    b = F.conv2d(x, weight_b, bias_b, stride, padding_b, dilation_b, groups_b)
+    return a * b
+
+
+def branch_product_kind(weight_b_shape: Sequence[int], groups_b: int, in_channels: int) -> str | None:
+    """"pointwise", "depthwise" or None (a b-branch no qlfx kernel covers)."""
+    m, cin_g, kh, kw = weight_b_shape
+    if groups_b == 1 and (kh, kw) == (1, 1):
+        return "pointwise"
+    if groups_b == in_channels and cin_g == 1 and m % in_channels == 0:
+        return "depthwise"
+    return None
+
+
+def _register() -> None:
+    try:
+        torch.ops.qlfx.branch_product.default  # noqa: B018  (already registered: importlib.reload)
+        return
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op("qlfx::branch_product", mutates_args=(), schema=BRANCH_PRODUCT_SCHEMA)
+    def _branch_product(x: torch.Tensor, weight_a: torch.Tensor, bias_a: Optional[torch.Tensor],
+                        weight_b: torch.Tensor, bias_b: Optional[torch.Tensor], stride: Sequence[int],
+                        padding_b: Sequence[int], dilation_b: Sequence[int], groups_b: int) -> torch.Tensor:
+        _check_shapes(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b)
+        return branch_product_reference(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b,
+                                        groups_b)
+
+    @_branch_product.register_fake
+    def _(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b):
+        out_shape = _check_shapes(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b)
+        return x.new_empty(out_shape, dtype=torch.result_type(x, weight_a))
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(t if t is not None else None for t in (inputs[0], inputs[1], inputs[2],
+                                                                         inputs[3], inputs[4])))
+        ctx.conv_args = inputs[5:]
+
+    def _backward(ctx, grad):
+        # d(a*b) = da*b + a*db; each branch's conv gradient comes from autograd on the reference.
+        x, weight_a, bias_a, weight_b, bias_b = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(True) if t is not None else None
+                      for t in (x, weight_a, bias_a, weight_b, bias_b)]
+            out = branch_product_reference(*leaves, *ctx.conv_args)
+            wanted = [t for t in leaves if t is not None]
+            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+        return tuple(next(grads) if t is not None else None for t in leaves) + (None, None, None, None)
+
+    _branch_product.register_autograd(_backward, setup_context=_setup_context)
+
+
+_register()
+
+
+def branch_product(x, weight_a, bias_a, weight_b, bias_b, stride=(1, 1), padding_b=(0, 0), dilation_b=(1, 1),
+                   groups_b=1) -> torch.Tensor:
+    """Call ``torch.ops.qlfx.branch_product`` (see module docstring); ints may be given as scalars."""
+    pair = lambda v: [int(v), int(v)] if isinstance(v, int) else [int(i) for i in v]  # noqa: E731
+    return torch.ops.qlfx.branch_product(x, weight_a, bias_a, weight_b, bias_b, pair(stride), pair(padding_b),
+                                         pair(dilation_b), int(groups_b))

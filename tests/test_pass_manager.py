@@ -1,0 +1,147 @@
+"""The pass manager: registry, pipelines, verification after every pass, instruments."""
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qlfx
+from qlfx import instruments as ins
+from qlfx import ir
+from qlfx.models import qlnet, randomize_batchnorm
+from qlfx.pass_manager import Pass, PassResult, parse_pipeline
+
+
+class ScaleOneConv(Pass):
+    """Deliberately wrong: scales the weights of the second conv by 1.5."""
+
+    name = "scale-one-conv"
+    description = "broken on purpose"
+    contract = "equivalent"
+
+    def run(self, gm, ctx):
+        convs = [n for n in gm.graph.nodes if ir.ConvCall.of(n)]
+        target = ir.ConvCall.of(convs[1])
+        w = ir.get_tensor(gm, target.weight)
+        with gm.graph.inserting_before(convs[1]):
+            target.set_args(weight=ir.constant_node(gm, w * 1.5, "scaled"))
+        return PassResult(changed=True, rewrites=[convs[1].name])
+
+
+class RenameNothing(Pass):
+    name = "exact-noop-but-perturbs"
+    description = "claims exact, adds 1e-7 to the output"
+    contract = "exact"
+
+    def run(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        value = out.args[0]
+        with gm.graph.inserting_before(out):
+            bumped = gm.graph.call_function(torch.add, (value, 1e-7))
+        out.args = (bumped,)
+        return PassResult(changed=True)
+
+
+def _model():
+    return randomize_batchnorm(qlnet(layers=(1, 1, 1, 1), widths=(8, 16, 32, 64), num_classes=10), seed=2).eval()
+
+
+def test_wrong_pass_is_caught_and_named_with_first_diverging_node():
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(qlfx.EquivalenceError) as info:
+        qlfx.compile(_model(), passes=["fold-bn", ScaleOneConv(), "dce"], example_inputs=(x,))
+    err = info.value
+    assert err.pass_name == "scale-one-conv"
+    assert "scale-one-conv" in str(err)
+    # the second conv of the graph is the first value that differs
+    assert err.divergence is not None and err.divergence.node == "layer1_0_conv1_conv"
+    assert err.divergence.created_by == "trace"
+    # the last good graph (after fold-bn) is kept and still correct
+    model = _model()
+    with torch.no_grad():
+        ref = model(x)
+    assert (err.last_good(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+    assert [r.pass_name for r in err.report.rows] == ["(input)", "fold-bn", "scale-one-conv"]
+
+
+def test_exact_contract_is_checked_bit_for_bit():
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(qlfx.EquivalenceError) as info:
+        qlfx.compile(_model(), passes=[RenameNothing()], example_inputs=(x,))
+    assert info.value.pass_name == "exact-noop-but-perturbs"
+    # the same perturbation is fine for an 'equivalent' pass
+    loose = RenameNothing()
+    loose.contract = "equivalent"
+    qlfx.compile(_model(), passes=[loose], example_inputs=(x,))
+
+
+def test_verification_uses_calibration_inputs_too():
+    """A pass that is only wrong on large inputs is caught when calibration data has them."""
+
+    class ClampSmall(Pass):
+        name = "clamp-input"
+        description = "wrong outside [-10, 10]"
+        contract = "equivalent"
+
+        def run(self, gm, ctx):
+            x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+            with gm.graph.inserting_after(x):
+                c = gm.graph.call_function(torch.clamp, (x, -10.0, 10.0))
+            x.replace_all_uses_with(c)
+            c.args = (x, -10.0, 10.0)
+            return PassResult(changed=True)
+
+    x = torch.randn(1, 3, 32, 32)
+    qlfx.compile(_model(), passes=[ClampSmall()], example_inputs=(x,))  # random normal inputs: passes
+    with pytest.raises(qlfx.EquivalenceError):
+        qlfx.compile(_model(), passes=[ClampSmall()], example_inputs=(x,), calibration=torch.randn(2, 3, 32, 32) * 50)
+
+
+def test_pipeline_strings_and_unknown_names():
+    passes = parse_pipeline("fold-bn, constant-fold ,dce")
+    assert [p.name for p in passes] == ["fold-bn", "constant-fold", "dce"]
+    with pytest.raises(qlfx.UnknownPassError, match="Did you mean 'fold-bn'"):
+        parse_pipeline("fold-bm")
+    with pytest.raises(qlfx.UsageError, match="no option"):
+        parse_pipeline("dce<aggressive=true>")
+    reg = qlfx.list_passes()
+    for name in ("fold-bn", "dce", "constant-fold"):
+        assert reg[name].contract in ("exact", "equivalent", "lossy") and reg[name].description
+
+
+def test_instruments_print_and_dump(tmp_path):
+    x = torch.randn(1, 3, 32, 32)
+    before_after, changed = io.StringIO(), io.StringIO()
+    qlfx.compile(_model(), passes="fold-bn,constant-fold,dce", example_inputs=(x,), instruments=[
+        ins.PrintIR(before="fold-bn", after="all", stream=before_after), ins.PrintChanged(stream=changed),
+        ins.DumpDir(tmp_path)])
+    text = before_after.getvalue()
+    assert "IR before fold-bn" in text and "IR after dce" in text and "IR after constant-fold" in text
+    assert "batch_norm" in text.split("IR after fold-bn")[0]
+    diff = changed.getvalue()
+    assert "fold-bn changed the IR" in diff and "constant-fold changed" not in diff  # qlnet has no constants to fold
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert "000_input.py" in names and "001_fold-bn.py" in names and "003_dce.py" in names
+    assert "001_fold-bn.dot" in names
+    assert "batch_norm" not in (tmp_path / "003_dce.py").read_text()
+
+
+def test_report_table_has_the_columns():
+    x = torch.randn(1, 3, 32, 32)
+    compiled = qlfx.compile(_model(), passes="fold-bn,dce", example_inputs=(x,))
+    text = str(compiled.report)
+    for col in ("pass", "changed", "max abs err", "max rel err", "seconds", "params", "nonzero"):
+        assert col in text
+    rows = compiled.report.rows
+    assert rows[-1].params < rows[0].params  # BN parameters are gone
+    assert all(r.check.passed for r in rows[1:])
+
+
+def test_provenance_names_the_pass_that_made_nodes():
+    x = torch.randn(1, 3, 32, 32)
+    gm = qlfx.compile(_model(), passes="fold-bn", example_inputs=(x,)).graph_module
+    origins = {n.meta[ir.ORIGIN] for n in gm.graph.nodes}
+    assert origins == {"trace", "fold-bn"}
+    for n in gm.graph.nodes:
+        if n.op != "output":
+            assert "tensor_meta" in n.meta, n.name
