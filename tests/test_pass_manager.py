@@ -48,8 +48,9 @@ def _model():
 
 def test_wrong_pass_is_caught_and_named_with_first_diverging_node():
     x = torch.randn(1, 3, 32, 32)
+    model = _model()
     with pytest.raises(qlfx.EquivalenceError) as info:
-        qlfx.compile(_model(), passes=["fold-bn", ScaleOneConv(), "dce"], example_inputs=(x,))
+        qlfx.compile(model, passes=["fold-bn", ScaleOneConv(), "dce"], example_inputs=(x,))
     err = info.value
     assert err.pass_name == "scale-one-conv"
     assert "scale-one-conv" in str(err)
@@ -57,7 +58,6 @@ def test_wrong_pass_is_caught_and_named_with_first_diverging_node():
     assert err.divergence is not None and err.divergence.node == "layer1_0_conv1_conv"
     assert err.divergence.created_by == "trace"
     # the last good graph (after fold-bn) is kept and still correct
-    model = _model()
     with torch.no_grad():
         ref = model(x)
     assert (err.last_good(x) - ref).abs().max() <= 1e-4 * ref.abs().max()

@@ -1,0 +1,688 @@
+"""The fused branch-product kernel: two convolutions of one input, multiplied elementwise.
+
+Math (NCHW, fp32)::
+
+    out[n, m, ho, wo] = A[n, m, ho, wo] * B[n, m, ho, wo]
+    A = conv2d(x, weight_a, bias_a, stride, padding=0)            weight_a: [M, Cin, 1, 1]
+    B = conv2d(x, weight_b, bias_b, stride, padding_b, dilation_b, groups_b)
+
+Two kinds:
+
+* ``pointwise`` (PDEBlock / GLU): weight_b is also [M, Cin, 1, 1], groups 1. Both operands are rows of
+  one GEMM ``[2M, Cin] x [Cin, P]`` (P = Ho*Wo); the kernel accumulates the A row and the B row of the
+  same output channel in registers side by side and multiplies them in the epilogue, so the product
+  never touches memory.
+* ``depthwise`` (paper Eq.(3)): weight_b is [M, 1, k, k] with groups_b = Cin and M = mult*Cin; output
+  channel o reads input channel o // mult. A is a GEMM; B is a 9-tap stencil computed for the same
+  output tile right before the epilogue.
+
+Design (why it is formulated this way)
+--------------------------------------
+* Weights are constants, so they are packed once, on the host, into a blocked layout
+  ``[ceil(M/16), Cin, 16]`` (see :func:`pack_weights`): one 16-wide block of output channels is one
+  AVX-512 register, and a block's whole reduction panel is one contiguous stream. M is padded to a
+  multiple of 16 with zero rows, so the reduction never needs a predicate; only the epilogue (which
+  writes the real M channels) has one.
+* The GEMM accumulator is its own block ``acc[n, p, t, m]`` (t = 0 for A, 1 for B) with the output
+  channel innermost: vectors along m are contiguous in the accumulator tile, and the register tile is
+  ``(p_tile) x (t) x (m_vecs*16)``. The epilogue block ``out`` is the schedule's *anchor*: it is tiled,
+  and the producers are ``compute_at``-ed into its tile loop. That sidesteps the
+  ``reverse_compute_at`` failures MetaSchedule's default space runs into on a naive ``split * mul``.
+* The micro-kernel (llvm): for each reduction step c, load ``2*m_vecs`` weight vectors, broadcast
+  ``p_tile`` input scalars, issue ``2*m_vecs*p_tile`` FMAs. With m_vecs=1, p_tile=14 that is 28
+  accumulators + 2 weight registers + 1 broadcast = 31 of 32 zmm registers.
+
+TVM 0.27 API notes / pitfalls (learned the hard way)
+----------------------------------------------------
+* Schedules live in ``tvm.s_tir`` (``tvm.s_tir.Schedule``); blocks are ``sch.get_sblock(name)``; TIR
+  nodes/ops are ``tvm.tirx``. ``te.create_prim_func([...])`` makes the schedulable PrimFunc.
+* ``tvm.compile(mod, target)`` returns a ``tvm.runtime.Executable``: call it (runs ``main``) or use
+  ``exe.mod`` (the runtime Module) for ``time_evaluator("main", dev, ...)`` and
+  ``inspect_source("asm"|"ll")``. CUDA source: ``exe.mod.imports[0].inspect_source()``.
+* Targets are dicts: ``Target({"kind": "llvm", "mcpu": "...", "num-cores": 2})``.
+* Intermediate buffers above 1024 bytes (``kMaxStackAlloca``) are allocated with
+  ``TVMBackendAllocWorkspace`` rather than on the stack. LLVM still keeps the accumulators in
+  registers inside the reduction loop, *provided every access to the tile uses constant indices*:
+  the epilogue loops must be unrolled too, or the whole tile is spilled and the kernel runs 40x slower.
+* The accumulator layout matters: with m not innermost the "vector" loads of the tile become
+  16 ``vinsertps`` gathers per FMA.
+* The unrolled reduction order must be (c, p, t, m-vec): broadcast one x scalar and use it for the A
+  and B FMAs at once. With (c, t, p) LLVM keeps p_tile broadcasts live across t and spills.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Sequence
+
+import numpy as np
+
+import tvm
+from tvm import te, tirx
+from tvm.s_tir import Schedule
+
+#: Output channels per packed weight block (one AVX-512 fp32 vector).
+WEIGHT_BLOCK = 16
+
+Kind = Literal["pointwise", "depthwise"]
+
+
+# ----------------------------------------------------------------------------------------- spec
+@dataclass(frozen=True)
+class BranchProductSpec:
+    """Static shape and options of one branch-product op.
+
+    ``kernel_size_b``/``padding_b``/``groups_b`` default from ``kind``: pointwise 1/0/1,
+    depthwise 3/dilation_b*(k-1)//2/in_channels.
+    """
+
+    batch: int
+    in_channels: int
+    height: int
+    width: int
+    out_channels: int
+    kind: Kind = "pointwise"
+    stride: int = 1
+    kernel_size_b: int | None = None
+    padding_b: int | None = None
+    dilation_b: int = 1
+    groups_b: int | None = None
+    has_bias_a: bool = True
+    has_bias_b: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("pointwise", "depthwise"):
+            raise ValueError(f"BranchProductSpec.kind must be 'pointwise' or 'depthwise', got {self.kind!r}")
+        if self.kernel_size_b is None:
+            object.__setattr__(self, "kernel_size_b", 1 if self.kind == "pointwise" else 3)
+        if self.padding_b is None:
+            pad = 0 if self.kind == "pointwise" else self.dilation_b * (self.kernel_size_b - 1) // 2
+            object.__setattr__(self, "padding_b", pad)
+        if self.groups_b is None:
+            object.__setattr__(self, "groups_b", 1 if self.kind == "pointwise" else self.in_channels)
+        for name in ("batch", "in_channels", "height", "width", "out_channels", "stride", "dilation_b"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"BranchProductSpec.{name} must be >= 1, got {getattr(self, name)}")
+        if self.kind == "pointwise":
+            if (self.kernel_size_b, self.padding_b, self.groups_b) != (1, 0, 1):
+                raise ValueError(
+                    "pointwise branch product needs weight_b 1x1, padding_b 0, groups_b 1; got "
+                    f"kernel_size_b={self.kernel_size_b}, padding_b={self.padding_b}, groups_b={self.groups_b}. "
+                    "Use kind='depthwise' for a depthwise weight_b."
+                )
+        else:
+            if self.groups_b != self.in_channels:
+                raise ValueError(
+                    f"depthwise branch product needs groups_b == in_channels ({self.in_channels}), got {self.groups_b}"
+                )
+            if self.out_channels % self.in_channels:
+                raise ValueError(
+                    f"depthwise branch product needs out_channels ({self.out_channels}) to be a multiple of "
+                    f"in_channels ({self.in_channels}): output channel o reads input channel o // multiplier"
+                )
+        out_a = ((self.height - 1) // self.stride + 1, (self.width - 1) // self.stride + 1)
+        out_b = tuple(
+            (size + 2 * self.padding_b - self.dilation_b * (self.kernel_size_b - 1) - 1) // self.stride + 1
+            for size in (self.height, self.width)
+        )
+        if out_a != out_b:
+            raise ValueError(
+                f"the two branches disagree on the output size: conv a (1x1, stride {self.stride}) gives {out_a}, "
+                f"conv b (k={self.kernel_size_b}, padding {self.padding_b}, dilation {self.dilation_b}) gives "
+                f"{out_b}; choose padding_b = dilation_b*(kernel_size_b-1)//2"
+            )
+
+    # --- derived shapes
+    @property
+    def out_height(self) -> int:
+        return (self.height - 1) // self.stride + 1
+
+    @property
+    def out_width(self) -> int:
+        return (self.width - 1) // self.stride + 1
+
+    @property
+    def out_pixels(self) -> int:
+        return self.out_height * self.out_width
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.out_channels, self.out_height, self.out_width)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        return (self.batch, self.in_channels, self.height, self.width)
+
+    @property
+    def depth_multiplier(self) -> int:
+        """Output channels per input channel of conv b (depthwise kind); 1 for pointwise."""
+        return self.out_channels // self.in_channels if self.kind == "depthwise" else 1
+
+    @property
+    def padded_out_channels(self) -> int:
+        """M rounded up to the weight block: the packed weights carry zero rows beyond M."""
+        return -(-self.out_channels // WEIGHT_BLOCK) * WEIGHT_BLOCK
+
+    @property
+    def weight_a_shape(self) -> tuple[int, int, int, int]:
+        return (self.out_channels, self.in_channels, 1, 1)
+
+    @property
+    def weight_b_shape(self) -> tuple[int, int, int, int]:
+        k = self.kernel_size_b
+        return (self.out_channels, self.in_channels // self.groups_b, k, k)
+
+    @property
+    def packed_weight_a_shape(self) -> tuple[int, int, int]:
+        return (self.padded_out_channels // WEIGHT_BLOCK, self.in_channels, WEIGHT_BLOCK)
+
+    @property
+    def packed_weight_b_shape(self) -> tuple[int, ...]:
+        blocks = self.padded_out_channels // WEIGHT_BLOCK
+        if self.kind == "pointwise":
+            return (blocks, self.in_channels, WEIGHT_BLOCK)
+        return (blocks, self.kernel_size_b, self.kernel_size_b, WEIGHT_BLOCK)
+
+    @property
+    def flops(self) -> int:
+        """2 * (MACs of conv a + MACs of conv b) + one multiply per output element (biases not counted)."""
+        outputs = self.batch * self.out_channels * self.out_pixels
+        macs_a = outputs * self.in_channels
+        macs_b = outputs * (self.in_channels // self.groups_b) * self.kernel_size_b**2
+        return 2 * (macs_a + macs_b) + outputs
+
+    def name(self) -> str:
+        bias = ("a" if self.has_bias_a else "") + ("b" if self.has_bias_b else "")
+        return (
+            f"branch_product_{self.kind}_n{self.batch}_c{self.in_channels}_{self.height}x{self.width}"
+            f"_m{self.out_channels}_s{self.stride}_k{self.kernel_size_b}_d{self.dilation_b}_bias{bias or 'none'}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------- weight packing
+def _to_numpy(array: Any) -> np.ndarray:
+    if hasattr(array, "detach"):  # torch tensor, without importing torch here
+        array = array.detach().cpu().numpy()
+    return np.asarray(array, dtype="float32")
+
+
+def pack_weights(
+    spec: BranchProductSpec,
+    weight_a: Any,
+    bias_a: Any | None,
+    weight_b: Any,
+    bias_b: Any | None,
+) -> list[np.ndarray]:
+    """Torch-layout weights -> the kernel's argument list (without x and out), in parameter order.
+
+    weight_a [M, Cin, 1, 1] -> [ceil(M/16), Cin, 16]   (packed[mb, c, j] = weight_a[16*mb + j, c])
+    weight_b pointwise: same; depthwise [M, 1, k, k] -> [ceil(M/16), k, k, 16].
+    Rows beyond M are zero. Biases stay [M]; absent biases are dropped when the spec has none.
+    """
+    wa = _to_numpy(weight_a)
+    wb = _to_numpy(weight_b)
+    if wa.shape != spec.weight_a_shape:
+        raise ValueError(f"weight_a has shape {wa.shape}, the spec needs {spec.weight_a_shape}")
+    if wb.shape != spec.weight_b_shape:
+        raise ValueError(f"weight_b has shape {wb.shape}, the spec needs {spec.weight_b_shape}")
+    m, mp, vb = spec.out_channels, spec.padded_out_channels, WEIGHT_BLOCK
+
+    def blocked(rows: np.ndarray) -> np.ndarray:  # rows: [M, ...] -> [Mp/16, ..., 16]
+        padded = np.zeros((mp,) + rows.shape[1:], dtype="float32")
+        padded[:m] = rows
+        blocks = padded.reshape((mp // vb, vb) + rows.shape[1:])
+        return np.ascontiguousarray(np.moveaxis(blocks, 1, -1))
+
+    args: list[np.ndarray] = [blocked(wa.reshape(m, spec.in_channels))]
+    if spec.has_bias_a:
+        if bias_a is None:
+            raise ValueError("the spec has has_bias_a=True but bias_a is None")
+        args.append(_to_numpy(bias_a).reshape(m))
+    if spec.kind == "pointwise":
+        args.append(blocked(wb.reshape(m, spec.in_channels)))
+    else:
+        args.append(blocked(wb.reshape(m, spec.kernel_size_b, spec.kernel_size_b)))
+    if spec.has_bias_b:
+        if bias_b is None:
+            raise ValueError("the spec has has_bias_b=True but bias_b is None")
+        args.append(_to_numpy(bias_b).reshape(m))
+    return args
+
+
+def reference_numpy(spec: BranchProductSpec, x, weight_a, bias_a, weight_b, bias_b) -> np.ndarray:
+    """Plain (slow, float64) numpy reference of the op, for tests without torch."""
+    x = _to_numpy(x).astype("float64")
+    wa = _to_numpy(weight_a).astype("float64")
+    wb = _to_numpy(weight_b).astype("float64")
+    s, k, d, pad = spec.stride, spec.kernel_size_b, spec.dilation_b, spec.padding_b
+    ho, wo = spec.out_height, spec.out_width
+    xs = x[:, :, : (ho - 1) * s + 1 : s, : (wo - 1) * s + 1 : s]
+    a = np.einsum("mc,nchw->nmhw", wa[:, :, 0, 0], xs)
+    if bias_a is not None:
+        a += _to_numpy(bias_a).reshape(1, -1, 1, 1)
+    if spec.kind == "pointwise":
+        b = np.einsum("mc,nchw->nmhw", wb[:, :, 0, 0], xs)
+    else:
+        xp = np.pad(x, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+        xin = np.repeat(xp, spec.depth_multiplier, axis=1)  # channel o reads input o // mult
+        b = np.zeros_like(a)
+        for kh in range(k):
+            for kw in range(k):
+                tap = xin[:, :, kh * d : kh * d + (ho - 1) * s + 1 : s, kw * d : kw * d + (wo - 1) * s + 1 : s]
+                b += wb[None, :, 0, kh, kw, None, None] * tap
+    if bias_b is not None:
+        b += _to_numpy(bias_b).reshape(1, -1, 1, 1)
+    return (a * b).astype("float32")
+
+
+# ------------------------------------------------------------------------------ the PrimFunc
+def branch_product_primfunc(spec: BranchProductSpec) -> tirx.PrimFunc:
+    """Unscheduled TIR of the op. Parameters: x, weight_a (packed), bias_a?, weight_b (packed), bias_b?, out.
+
+    Blocks::
+
+        acc[n, p, t, m] = sum_c W_t[m, c] * x[n, c, (p // Wo)*s, (p % Wo)*s]    t in {A} or {A, B}
+        dw[n, p, m]     = sum_{i,j} Wb[m, i, j] * xpad[n, m // mult, ho*s + i*d - pad, wo*s + j*d - pad]
+                                                                               (depthwise kind only)
+        out[n, m, ho, wo] = (acc[n, p, 0, m] + bias_a[m]) * (B[n, p, m] + bias_b[m]),  p = ho*Wo + wo
+
+    over the padded channel range m < ceil(M/16)*16 for the producers (zero weight rows) and m < M for
+    ``out``. The PrimFunc is named after ``spec.name()`` via the ``global_symbol`` attribute.
+    """
+    vb = WEIGHT_BLOCK
+    n_, cin, h, w = spec.input_shape
+    m_out, mp = spec.out_channels, spec.padded_out_channels
+    ho, wo, s = spec.out_height, spec.out_width, spec.stride
+    pixels = spec.out_pixels
+
+    x = te.placeholder(spec.input_shape, "float32", name="x")
+    weight_a = te.placeholder(spec.packed_weight_a_shape, "float32", name="weight_a")
+    weight_b = te.placeholder(spec.packed_weight_b_shape, "float32", name="weight_b")
+    bias_a = te.placeholder((m_out,), "float32", name="bias_a") if spec.has_bias_a else None
+    bias_b = te.placeholder((m_out,), "float32", name="bias_b") if spec.has_bias_b else None
+
+    def x_at(n, c, p):
+        return x[n, c, (p // wo) * s, (p % wo) * s]
+
+    c = te.reduce_axis((0, cin), name="c")
+    if spec.kind == "pointwise":
+        # One reduction produces both operands: t selects the weight; after unrolling t the select
+        # folds away, and one broadcast of x feeds the A and the B FMA.
+        acc = te.compute(
+            (n_, pixels, 2, mp),
+            lambda n, p, t, m: te.sum(
+                tirx.if_then_else(t == 0, weight_a[m // vb, c, m % vb], weight_b[m // vb, c, m % vb])
+                * x_at(n, c, p),
+                axis=c,
+            ),
+            name="acc",
+        )
+        operand_b = lambda n, p, m: acc[n, p, 1, m]  # noqa: E731
+    else:
+        acc = te.compute(
+            (n_, pixels, 1, mp),
+            lambda n, p, t, m: te.sum(weight_a[m // vb, c, m % vb] * x_at(n, c, p), axis=c),
+            name="acc",
+        )
+        k, d, pad, mult = spec.kernel_size_b, spec.dilation_b, spec.padding_b, spec.depth_multiplier
+        ki = te.reduce_axis((0, k), name="ki")
+        kj = te.reduce_axis((0, k), name="kj")
+
+        def tap(n, p, m, i, j):
+            row = (p // wo) * s + i * d - pad
+            col = (p % wo) * s + j * d - pad
+            # m >= M only occurs in the padded (zero-weight) rows; clamp so the read stays in bounds.
+            channel = tirx.min(m // mult, cin - 1)
+            inside = tirx.all(row >= 0, row < h, col >= 0, col < w)
+            return tirx.if_then_else(inside, x[n, channel, row, col], tirx.const(0.0, "float32"))
+
+        dw = te.compute(
+            (n_, pixels, mp),
+            lambda n, p, m: te.sum(weight_b[m // vb, ki, kj, m % vb] * tap(n, p, m, ki, kj), axis=[ki, kj]),
+            name="dw",
+        )
+        operand_b = lambda n, p, m: dw[n, p, m]  # noqa: E731
+
+    def epilogue(n, m, i, j):
+        p = i * wo + j
+        a_val = acc[n, p, 0, m]
+        b_val = operand_b(n, p, m)
+        if bias_a is not None:
+            a_val = a_val + bias_a[m]
+        if bias_b is not None:
+            b_val = b_val + bias_b[m]
+        return a_val * b_val
+
+    out = te.compute(spec.output_shape, epilogue, name="out")
+    params = [x, weight_a] + ([bias_a] if bias_a is not None else []) + [weight_b]
+    params += ([bias_b] if bias_b is not None else []) + [out]
+    func = te.create_prim_func(params)
+    return func.with_attr("global_symbol", "main")
+
+
+# ------------------------------------------------------------------------------ knobs
+@dataclass(frozen=True)
+class LlvmKnobs:
+    """Knobs of the CPU schedule.
+
+    m_vecs: 16-wide channel vectors per register tile; p_tile: output pixels per register tile
+    (must divide Ho*Wo); pixel_outer: 0 = channel tiles outer (a tile's weight panel stays in L1 while
+    it sweeps all pixels), 1 = pixel tiles outer (the x panel stays in L1 while weights stream).
+    """
+
+    m_vecs: int = 1
+    p_tile: int = 14
+    pixel_outer: int = 0
+
+
+@dataclass(frozen=True)
+class CudaKnobs:
+    """Knobs of the CUDA schedule: threads per block along channels/pixels and outputs per thread."""
+
+    threads_m: int = 32
+    threads_p: int = 4
+    per_thread_m: int = 2
+    per_thread_p: int = 2
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def llvm_register_tiles(spec: BranchProductSpec, max_registers: int = 30) -> list[tuple[int, int]]:
+    """(m_vecs, p_tile) pairs whose accumulators fit in ``max_registers`` zmm registers.
+
+    Accumulators = operands * m_vecs * p_tile (operands: 2 for pointwise, 1 for depthwise). p_tile must
+    divide Ho*Wo (no predicate in the micro-kernel); m_vecs must divide ceil(M/16).
+    """
+    operands = 2 if spec.kind == "pointwise" else 1
+    blocks = spec.padded_out_channels // WEIGHT_BLOCK
+    tiles = []
+    for m_vecs in (1, 2, 3, 4):
+        if blocks % m_vecs:
+            continue
+        for p_tile in _divisors(spec.out_pixels):
+            acc = operands * m_vecs * p_tile
+            # Keep the tiles that use the register file well (or are the largest possible).
+            if acc <= max_registers and (acc >= max_registers // 2 or p_tile == spec.out_pixels):
+                tiles.append((m_vecs, p_tile))
+    if not tiles:  # tiny shapes: take the largest tile that fits
+        tiles = [
+            (m, p)
+            for m in (1,)
+            for p in _divisors(spec.out_pixels)
+            if operands * m * p <= max_registers
+        ][-1:]
+    return tiles
+
+
+def default_llvm_knobs(spec: BranchProductSpec) -> LlvmKnobs:
+    """Untuned choice: the fullest register tile with one channel vector (best on Sapphire/Emerald Rapids)."""
+    tiles = llvm_register_tiles(spec)
+    operands = 2 if spec.kind == "pointwise" else 1
+    best = max(tiles, key=lambda t: (operands * t[0] * t[1], -t[0]))
+    return LlvmKnobs(m_vecs=best[0], p_tile=best[1], pixel_outer=0)
+
+
+# ------------------------------------------------------------------------------ schedules
+def _sample_choice(sch: Schedule, candidates: Sequence[int], chosen: int | None) -> int:
+    """sample_categorical over ``candidates``; with ``chosen`` given, it becomes the decision.
+
+    Returns the chosen *value*. Recording the choice in the trace is what lets MetaSchedule's search
+    re-sample it and lets :mod:`qlfx.kernels.tuning` read the knobs back from a tuning record.
+    """
+    candidates = [int(v) for v in candidates]
+    decision = None if chosen is None else candidates.index(int(chosen))
+    rv = sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates), decision=decision)
+    return int(sch.get(rv))
+
+
+
+def _inner_loops_by_iter(sch: Schedule, block: Any, anchor: Any) -> dict[str, Any]:
+    """Loops of ``block`` below ``anchor``, keyed by the block iter var each one drives.
+
+    compute_at drops unit loops (e.g. t when there is one operand, p when p_tile == 1); keying by
+    iter var keeps the schedule independent of which ones survive.
+    """
+    anchor_stmt = sch.get(anchor)
+    loops = sch.get_loops(block)
+    below = loops[[sch.get(l).same_as(anchor_stmt) for l in loops].index(True) + 1 :]
+    realize = sch.get_sref(block).stmt
+    block_stmt = sch.get(block)
+    # Map loop var -> iter var name through the block realize's bindings.
+    parent = sch.get_sref(block).parent
+    realize_stmt = sch.get(below[-1]).body if below else None
+    names: dict[str, Any] = {}
+    bindings = {}
+    node = realize_stmt
+    while node is not None and not hasattr(node, "iter_values"):
+        node = getattr(node, "body", None)
+    if node is not None:
+        for iv, value in zip(node.block.iter_vars, node.iter_values):
+            bindings[iv.var.name] = value
+    for loop in below:
+        var = sch.get(loop).loop_var
+        for name, value in bindings.items():
+            if tvm.tirx.analysis.expr_deep_equal(value, var) or _uses_var(value, var):
+                names[name] = loop
+                break
+    return names
+
+
+def _uses_var(expr: Any, var: Any) -> bool:
+    found = []
+    tvm.tirx.stmt_functor.post_order_visit(expr, lambda node: found.append(node.same_as(var)))
+    return any(found)
+
+
+def schedule_llvm(sch: Schedule, spec: BranchProductSpec, knobs: LlvmKnobs | None = None) -> LlvmKnobs:
+    """Hand schedule for x86 (AVX-512 / AVX2). ``knobs=None`` samples them (MetaSchedule design space).
+
+    Loop nest (per parallel task)::
+
+        for tile in parallel(n * m_tiles * p_tiles):      # m_tiles outer unless pixel_outer
+          acc_tile[p_tile, t, 16*m_vecs] = 0               (vectorised)
+          for c in Cin:                                    # the micro-kernel, fully unrolled inside
+            for p, t, v: acc_tile[p, t, v*16:(v+1)*16] += W_t[block v, c, :] * x[c, p]
+          dw_tile (depthwise)                              (9 taps, vectorised along channels)
+          for m, p (unrolled): out = (acc_a + bias_a) * (acc_b + bias_b)
+
+    Returns the knobs actually used.
+    """
+    tiles = llvm_register_tiles(spec)
+    if knobs is None:
+        tile_index = _sample_choice(sch, range(len(tiles)), None)
+        pixel_outer = _sample_choice(sch, [0, 1], None)
+    else:
+        if (knobs.m_vecs, knobs.p_tile) not in tiles:
+            raise ValueError(
+                f"register tile (m_vecs={knobs.m_vecs}, p_tile={knobs.p_tile}) is not valid for {spec.name()}; "
+                f"choose one of {tiles}"
+            )
+        tile_index = _sample_choice(sch, range(len(tiles)), tiles.index((knobs.m_vecs, knobs.p_tile)))
+        pixel_outer = _sample_choice(sch, [0, 1], knobs.pixel_outer)
+    m_vecs, p_tile = tiles[tile_index]
+    m_tile = m_vecs * WEIGHT_BLOCK
+
+    out = sch.get_sblock("out")
+    n, m, i, j = sch.get_loops(out)
+    p = sch.fuse(i, j)
+    m_outer, m_inner = sch.split(m, [None, m_tile])
+    p_outer, p_inner = sch.split(p, [None, p_tile])
+    if pixel_outer:
+        sch.reorder(n, p_outer, m_outer, m_inner, p_inner)
+        anchor = sch.fuse(n, p_outer, m_outer)
+    else:
+        sch.reorder(n, m_outer, p_outer, m_inner, p_inner)
+        anchor = sch.fuse(n, m_outer, p_outer)
+    sch.parallel(anchor)
+
+    # GEMM accumulator: computed per tile, in registers.
+    acc = sch.get_sblock("acc")
+    sch.compute_at(acc, anchor)
+    a_p, a_t, a_m, a_c = sch.get_loops(acc)[-4:]
+    a_mv, a_lane = sch.split(a_m, [None, WEIGHT_BLOCK])
+    sch.reorder(a_c, a_p, a_t, a_mv, a_lane)
+    sch.unroll(a_p)
+    sch.unroll(a_t)
+    sch.unroll(a_mv)
+    sch.vectorize(a_lane)
+    init = sch.decompose_reduction(acc, a_c)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+    if spec.kind == "depthwise":
+        dw = sch.get_sblock("dw")
+        sch.compute_at(dw, anchor)
+        d_p, d_m, d_i, d_j = sch.get_loops(dw)[-4:]
+        d_mv, d_lane = sch.split(d_m, [None, WEIGHT_BLOCK])
+        sch.reorder(d_p, d_mv, d_i, d_j, d_lane)
+        sch.vectorize(d_lane)
+        d_init = sch.decompose_reduction(dw, d_i)
+        sch.vectorize(sch.get_loops(d_init)[-1])
+
+    # Epilogue: fully unrolled so every tile access is a constant index (keeps acc in registers).
+    sch.unroll(m_inner)
+    sch.unroll(p_inner)
+    return LlvmKnobs(m_vecs=m_vecs, p_tile=p_tile, pixel_outer=pixel_outer)
+
+
+def cuda_candidate_knobs(spec: BranchProductSpec) -> list[CudaKnobs]:
+    """A small grid of CUDA launch shapes (threads 64..256, <= 8 outputs per thread)."""
+    grid = []
+    for threads_m in (16, 32, 64):
+        for threads_p in (1, 2, 4, 8):
+            for per_m in (1, 2, 4):
+                for per_p in (1, 2):
+                    if 64 <= threads_m * threads_p <= 256 and per_m * per_p <= 8:
+                        grid.append(CudaKnobs(threads_m, threads_p, per_m, per_p))
+    return grid
+
+
+def schedule_cuda(sch: Schedule, spec: BranchProductSpec, knobs: CudaKnobs | None = None) -> CudaKnobs:
+    """GPU schedule: one thread computes per_thread_m x per_thread_p outputs, both operands in
+    registers (``local`` scope), then multiplies them; blocks tile (n, channels, pixels).
+
+    Channels are innermost across threads so that consecutive threads read consecutive packed weights.
+    The product is in the same kernel as the reductions (one ``blockIdx``/``threadIdx`` nest).
+    """
+    grid = cuda_candidate_knobs(spec)
+    if knobs is None:
+        knobs = grid[_sample_choice(sch, range(len(grid)), None)]
+    else:
+        _sample_choice(sch, range(len(grid)), grid.index(knobs) if knobs in grid else None) if knobs in grid else None
+    out = sch.get_sblock("out")
+    n, m, i, j = sch.get_loops(out)
+    p = sch.fuse(i, j)
+    m_block, m_thread, m_inner = sch.split(m, [None, knobs.threads_m, knobs.per_thread_m])
+    p_block, p_thread, p_inner = sch.split(p, [None, knobs.threads_p, knobs.per_thread_p])
+    sch.reorder(n, m_block, p_block, p_thread, m_thread, m_inner, p_inner)
+    block = sch.fuse(n, m_block, p_block)
+    thread = sch.fuse(p_thread, m_thread)
+    sch.bind(block, "blockIdx.x")
+    sch.bind(thread, "threadIdx.x")
+    producers = ["acc"] + (["dw"] if spec.kind == "depthwise" else [])
+    for name in producers:
+        blk = sch.get_sblock(name)
+        sch.compute_at(blk, thread)
+        sch.set_scope(blk, 0, "local")
+        loops = sch.get_loops(blk)
+        red = loops[-1] if name == "acc" else loops[-2]
+        inner_spatial = loops[loops.index(thread) + 1 : loops.index(red)]
+        sch.reorder(red, *inner_spatial) if name == "acc" else None
+        sch.decompose_reduction(blk, red if name == "dw" else sch.get_loops(blk)[loops.index(thread) + 1])
+        for loop in inner_spatial:
+            sch.unroll(loop)
+    sch.unroll(m_inner)
+    sch.unroll(p_inner)
+    return knobs
+
+
+# ------------------------------------------------------------------------------ build helpers
+def _target_kind(target: Any) -> str:
+    return tvm.target.Target(target).kind.name if not isinstance(target, tvm.target.Target) else target.kind.name
+
+
+def host_llvm_target(num_cores: int = 2) -> tvm.target.Target:
+    """llvm target for this machine's CPU (``mcpu`` = LLVM's host CPU name, so AVX-512 is used when present)."""
+    mcpu = tvm.target.codegen.llvm_get_system_cpu()
+    return tvm.target.Target({"kind": "llvm", "mcpu": mcpu, "num-cores": num_cores})
+
+
+def cuda_target(arch: str = "sm_90a") -> tvm.target.Target:
+    return tvm.target.Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
+
+
+def schedule_branch_product(spec: BranchProductSpec, target: Any, knobs: Any = None) -> tuple[tirx.PrimFunc, Any]:
+    """Hand-scheduled PrimFunc for ``target`` (llvm or cuda) and the knobs used."""
+    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    sch = Schedule(branch_product_primfunc(spec))
+    if target.kind.name == "llvm":
+        used = schedule_llvm(sch, spec, knobs or default_llvm_knobs(spec))
+    elif target.kind.name == "cuda":
+        used = schedule_cuda(sch, spec, knobs or CudaKnobs())
+    else:
+        raise ValueError(f"no branch-product schedule for target kind {target.kind.name!r}; use llvm or cuda")
+    return sch.mod["main"], used
+
+
+class BranchProductKernel:
+    """A built kernel plus the spec; call it with torch-layout tensors or pre-packed arrays.
+
+    ``kernel(x, weight_a, bias_a, weight_b, bias_b)`` packs the weights (cached by object id when
+    ``cache_weights``) and returns a numpy array; ``kernel.run_packed(x, *packed)`` skips packing.
+    """
+
+    def __init__(self, spec: BranchProductSpec, executable: Any, device: Any = None):
+        self.spec = spec
+        self.executable = executable
+        self.module = executable.mod if hasattr(executable, "mod") else executable
+        self.device = device if device is not None else tvm.cpu()
+        self._function = self.module["main"] if hasattr(self.module, "__getitem__") else None
+
+    def packed_arguments(self, weight_a, bias_a, weight_b, bias_b) -> list[Any]:
+        return [
+            tvm.runtime.tensor(a, self.device)
+            for a in pack_weights(self.spec, weight_a, bias_a, weight_b, bias_b)
+        ]
+
+    def run_packed(self, x: Any, *packed: Any, out: Any = None) -> Any:
+        x_t = x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(_to_numpy(x), self.device)
+        if out is None:
+            out = tvm.runtime.tensor(np.empty(self.spec.output_shape, "float32"), self.device)
+        self._function(x_t, *packed, out)
+        return out
+
+    def __call__(self, x, weight_a, bias_a, weight_b, bias_b) -> np.ndarray:
+        packed = self.packed_arguments(weight_a, bias_a, weight_b, bias_b)
+        return self.run_packed(x, *packed).numpy()
+
+    def time(self, x, packed: Sequence[Any], number: int = 10, repeat: int = 20) -> list[float]:
+        """Seconds per run, one entry per repeat (TVM's time_evaluator)."""
+        out = tvm.runtime.tensor(np.empty(self.spec.output_shape, "float32"), self.device)
+        x_t = tvm.runtime.tensor(_to_numpy(x), self.device)
+        evaluator = self.module.time_evaluator("main", self.device, number=number, repeat=repeat)
+        return list(evaluator(x_t, *packed, out).results)
+
+
+def build_branch_product(
+    spec: BranchProductSpec, target: Any = None, knobs: Any = None, primfunc: tirx.PrimFunc | None = None
+) -> BranchProductKernel | Any:
+    """Schedule (unless ``primfunc`` is given, already scheduled) and compile.
+
+    llvm -> a runnable :class:`BranchProductKernel`; cuda -> the ``tvm.runtime.Executable`` (nothing
+    can run it on a machine without a GPU; its source is ``exe.mod.imports[0].inspect_source()``).
+    """
+    target = host_llvm_target() if target is None else target
+    target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
+    if primfunc is None:
+        primfunc, _ = schedule_branch_product(spec, target, knobs)
+    mod = tvm.IRModule({"main": primfunc})
+    executable = tvm.compile(mod, target=target)
+    if target.kind.name == "llvm":
+        return BranchProductKernel(spec, executable)
+    return executable
