@@ -145,10 +145,15 @@ class _Emitter:
                 self.unsupported.append(f"{node.name}: {_describe_target(node)}: converter failed: "
                                         f"{type(err).__name__}: {err}")
                 self.env[node] = self._stand_in(node)
-            if isinstance(self.env[node], ir.Value) and node.op not in ("output", "get_attr", "placeholder"):
-                producer = self.env[node].producer()
-                if producer is not None and self.env[node].name is None:
-                    self.env[node].name = node.name
+            value = self.env[node]
+            if isinstance(value, ir.Value) and node.op not in ("output", "get_attr", "placeholder"):
+                if value.producer() is not None and value.name is None:
+                    value.name = node.name
+                tm = node.meta.get("tensor_meta")
+                if value.shape is None and hasattr(tm, "shape") and tm.dtype in _TORCH_TO_NUMPY:
+                    # Converters read their inputs' shapes from here (static shapes).
+                    value.shape = ir.Shape(list(tm.shape))
+                    value.type = ir.TensorType(ir.DataType.from_numpy(_np_dtype(tm.dtype)))
 
     def _stand_in(self, node: fx.Node) -> ir.Value:
         # Lets the walk go on past an unsupported node, so that every unsupported site is reported.
@@ -167,7 +172,7 @@ class _Emitter:
                 return t
             return self.initializer(t.detach().cpu().numpy().astype(_np_dtype(t.dtype)), node.target)
         if node.op == "output":
-            self._set_outputs(node.args[0])
+            self._set_outputs(fx.node.map_arg(node.args[0], lambda n: self.env[n]))
             return None
         if node.op == "call_module":
             return _convert_module(self, node)

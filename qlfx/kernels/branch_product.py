@@ -443,41 +443,19 @@ def _sample_choice(sch: Schedule, candidates: Sequence[int], chosen: int | None)
 
 
 
-def _inner_loops_by_iter(sch: Schedule, block: Any, anchor: Any) -> dict[str, Any]:
-    """Loops of ``block`` below ``anchor``, keyed by the block iter var each one drives.
 
-    compute_at drops unit loops (e.g. t when there is one operand, p when p_tile == 1); keying by
-    iter var keeps the schedule independent of which ones survive.
+def _named_inner_loops(sch: Schedule, block: Any, expected: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """Innermost loops of ``block`` named by ``expected`` [(name, extent), ...] (outer to inner).
+
+    compute_at drops unit loops (t when there is one operand, p when p_tile == 1), so the names are
+    matched against the non-unit extents; a mismatch means the IR is not what this schedule expects.
     """
-    anchor_stmt = sch.get(anchor)
-    loops = sch.get_loops(block)
-    below = loops[[sch.get(l).same_as(anchor_stmt) for l in loops].index(True) + 1 :]
-    realize = sch.get_sref(block).stmt
-    block_stmt = sch.get(block)
-    # Map loop var -> iter var name through the block realize's bindings.
-    parent = sch.get_sref(block).parent
-    realize_stmt = sch.get(below[-1]).body if below else None
-    names: dict[str, Any] = {}
-    bindings = {}
-    node = realize_stmt
-    while node is not None and not hasattr(node, "iter_values"):
-        node = getattr(node, "body", None)
-    if node is not None:
-        for iv, value in zip(node.block.iter_vars, node.iter_values):
-            bindings[iv.var.name] = value
-    for loop in below:
-        var = sch.get(loop).loop_var
-        for name, value in bindings.items():
-            if tvm.tirx.analysis.expr_deep_equal(value, var) or _uses_var(value, var):
-                names[name] = loop
-                break
-    return names
-
-
-def _uses_var(expr: Any, var: Any) -> bool:
-    found = []
-    tvm.tirx.stmt_functor.post_order_visit(expr, lambda node: found.append(node.same_as(var)))
-    return any(found)
+    present = [(name, extent) for name, extent in expected if extent != 1]
+    loops = sch.get_loops(block)[-len(present):] if present else []
+    extents = [int(sch.get(loop).extent) for loop in loops]
+    if extents != [extent for _, extent in present]:
+        raise RuntimeError(f"unexpected loop nest {extents} for {present}: the schedule and the TE definition disagree")
+    return {name: loop for (name, _), loop in zip(present, loops)}
 
 
 def schedule_llvm(sch: Schedule, spec: BranchProductSpec, knobs: LlvmKnobs | None = None) -> LlvmKnobs:
@@ -525,24 +503,26 @@ def schedule_llvm(sch: Schedule, spec: BranchProductSpec, knobs: LlvmKnobs | Non
     # GEMM accumulator: computed per tile, in registers.
     acc = sch.get_sblock("acc")
     sch.compute_at(acc, anchor)
-    a_p, a_t, a_m, a_c = sch.get_loops(acc)[-4:]
-    a_mv, a_lane = sch.split(a_m, [None, WEIGHT_BLOCK])
-    sch.reorder(a_c, a_p, a_t, a_mv, a_lane)
-    sch.unroll(a_p)
-    sch.unroll(a_t)
-    sch.unroll(a_mv)
+    operands = 2 if spec.kind == "pointwise" else 1
+    loops = _named_inner_loops(sch, acc, [("p", p_tile), ("t", operands), ("m", m_tile), ("c", spec.in_channels)])
+    a_mv, a_lane = sch.split(loops["m"], [None, WEIGHT_BLOCK])
+    order = [loops[k] for k in ("c", "p", "t") if k in loops] + [a_mv, a_lane]
+    sch.reorder(*order)
+    for loop in order[1:-1]:
+        sch.unroll(loop)
     sch.vectorize(a_lane)
-    init = sch.decompose_reduction(acc, a_c)
+    init = sch.decompose_reduction(acc, loops["c"])
     sch.vectorize(sch.get_loops(init)[-1])
 
     if spec.kind == "depthwise":
         dw = sch.get_sblock("dw")
         sch.compute_at(dw, anchor)
-        d_p, d_m, d_i, d_j = sch.get_loops(dw)[-4:]
-        d_mv, d_lane = sch.split(d_m, [None, WEIGHT_BLOCK])
-        sch.reorder(d_p, d_mv, d_i, d_j, d_lane)
+        k = spec.kernel_size_b
+        loops = _named_inner_loops(sch, dw, [("p", p_tile), ("m", m_tile), ("i", k), ("j", k)])
+        d_mv, d_lane = sch.split(loops["m"], [None, WEIGHT_BLOCK])
+        sch.reorder(*[loops[n] for n in ("p",) if n in loops], d_mv, *[loops[n] for n in ("i", "j") if n in loops], d_lane)
         sch.vectorize(d_lane)
-        d_init = sch.decompose_reduction(dw, d_i)
+        d_init = sch.decompose_reduction(dw, loops.get("i", loops.get("j", d_lane)))
         sch.vectorize(sch.get_loops(d_init)[-1])
 
     # Epilogue: fully unrolled so every tile access is a constant index (keeps acc in registers).
