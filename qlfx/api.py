@@ -1,6 +1,7 @@
 """``qlfx.compile``: model -> trace -> [pass -> verify]* -> Compiled."""
 from __future__ import annotations
 
+import time
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -122,12 +123,15 @@ def compile(
     _check_model(model)
     pipeline = parse_pipeline(passes)  # bad pass names fail before any work
     _check_runs(model, example_inputs)
+    start = time.perf_counter()
     gm = ir.trace(model, example_inputs, leaf_modules=leaf_modules)
+    trace_seconds = time.perf_counter() - start
     ctx = PassContext(example_inputs=tuple(example_inputs),
                       calibration=load_calibration(calibration, example_inputs), config=dict(config or {}))
     if isinstance(tolerance, (int, float)):
         tolerance = Tolerance(rel=float(tolerance))
     manager = PassManager(pipeline, instruments=instruments, verify=verify, tolerance=tolerance,
                           verify_inputs=verify_inputs, seed=seed)
-    gm, report = manager.run(gm, ctx)
+    report = manager.check_trace(model, gm, ctx, trace_seconds)
+    gm, report = manager.run(gm, ctx, report)
     return Compiled(gm, report, pipeline, ctx)

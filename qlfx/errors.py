@@ -44,6 +44,12 @@ class EquivalenceError(QlfxError):
         self.last_good = last_good
         self.report = report
         where = f"\n  first diverging node: {divergence}" if divergence is not None else ""
+        if pass_name == "trace":
+            QlfxError.__init__(
+                self, f"the traced graph does not compute what the model computes: {check.summary()}\n"
+                      f"  qlfx's functional form of some layer differs from the module; keep such modules opaque "
+                      f"with leaf_modules=[...] (CLI --leaf) and please report it")
+            return
         super().__init__(
             f"pass '{pass_name}' broke equivalence: {check.summary()}{where}\n"
             f"  the graph before '{pass_name}' is kept as .last_good; rerun without this pass, or "

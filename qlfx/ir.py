@@ -156,8 +156,8 @@ def _functional_form(gm: fx.GraphModule, node: fx.Node, m: nn.Module):
             (x, _attr(gm, q, "running_mean"), _attr(gm, q, "running_var"), _attr(gm, q, "weight"),
              _attr(gm, q, "bias"), training, 0.0 if m.momentum is None else m.momentum, m.eps),
         )
-    if isinstance(m, (nn.Identity, nn.Dropout, nn.Dropout2d)) and not (m.training and not isinstance(m, nn.Identity)):
-        return x
+    if isinstance(m, nn.Identity) or (isinstance(m, nn.modules.dropout._DropoutNd) and not m.training):
+        return x  # identity at inference
     simple = {
         nn.ReLU: lambda: g.call_function(F.relu, (x,)),
         nn.ReLU6: lambda: g.call_function(F.hardtanh, (x, 0.0, 6.0)),
@@ -183,6 +183,25 @@ def _functional_form(gm: fx.GraphModule, node: fx.Node, m: nn.Module):
         nn.LayerNorm: lambda: g.call_function(
             F.layer_norm, (x, m.normalized_shape, _attr(gm, q, "weight"), _attr(gm, q, "bias"), m.eps)
         ),
+        nn.Conv1d: lambda: g.call_function(
+            torch.conv1d, (x, _attr(gm, q, "weight"), _attr(gm, q, "bias"), m.stride, m.padding, m.dilation, m.groups)
+        ) if m.padding_mode == "zeros" else None,
+        nn.ConvTranspose2d: lambda: g.call_function(
+            F.conv_transpose2d, (x, _attr(gm, q, "weight"), _attr(gm, q, "bias"), m.stride, m.padding,
+                                 m.output_padding, m.groups, m.dilation)
+        ),
+        nn.AdaptiveMaxPool2d: lambda: g.call_function(F.adaptive_max_pool2d, (x, m.output_size))
+        if not m.return_indices else None,
+        nn.ELU: lambda: g.call_function(F.elu, (x, m.alpha)),
+        nn.PReLU: lambda: g.call_function(F.prelu, (x, _attr(gm, q, "weight"))),
+        nn.Softplus: lambda: g.call_function(F.softplus, (x, m.beta, m.threshold)),
+        nn.Mish: lambda: g.call_function(F.mish, (x,)),
+        nn.Softmax: lambda: g.call_function(F.softmax, (x, m.dim)),
+        nn.Upsample: lambda: g.call_function(
+            F.interpolate, (x, m.size, m.scale_factor, m.mode, m.align_corners)
+        ),
+        nn.ZeroPad2d: lambda: g.call_function(F.pad, (x, tuple(m.padding), "constant", 0.0)),
+        nn.PixelShuffle: lambda: g.call_function(F.pixel_shuffle, (x, m.upscale_factor)),
     }
     make = simple.get(type(m))
     return make() if make is not None else None

@@ -273,10 +273,24 @@ class PassManager:
     def input_sets(self, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
         return random_inputs(ctx.example_inputs, self.seed, self.verify_inputs) + list(ctx.calibration)
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext, report: Report | None = None) -> tuple[fx.GraphModule, Report]:
-        report = report if report is not None else Report()
+    def check_trace(self, model: torch.nn.Module, gm: fx.GraphModule, ctx: PassContext, seconds: float = 0.0) -> Report:
+        """Check the traced graph against the model itself; start the report with that row."""
+        report = Report()
+        check = None
+        if self.verify:
+            inputs = self.input_sets(ctx)
+            check = check_equivalence(model, gm, inputs, self.tolerance)
+            if not check.passed:
+                raise EquivalenceError("trace", check, None, None, report)
         params, nonzero = ir.count_params(gm)
-        report.rows.append(ReportRow("(input)", "-", False, None, 0.0, params, nonzero))
+        report.rows.append(ReportRow("(trace)", "equivalent", False, check, seconds, params, nonzero))
+        return report
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext, report: Report | None = None) -> tuple[fx.GraphModule, Report]:
+        if report is None:
+            report = Report()
+            params, nonzero = ir.count_params(gm)
+            report.rows.append(ReportRow("(input)", "-", False, None, 0.0, params, nonzero))
         for inst in self.instruments:
             inst.on_start(gm)
         for index, p in enumerate(self.passes, start=1):

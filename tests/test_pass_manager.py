@@ -61,7 +61,7 @@ def test_wrong_pass_is_caught_and_named_with_first_diverging_node():
     with torch.no_grad():
         ref = model(x)
     assert (err.last_good(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
-    assert [r.pass_name for r in err.report.rows] == ["(input)", "fold-bn", "scale-one-conv"]
+    assert [r.pass_name for r in err.report.rows] == ["(trace)", "fold-bn", "scale-one-conv"]
 
 
 def test_exact_contract_is_checked_bit_for_bit():
