@@ -3,6 +3,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+
+def _umask_mode() -> int:
+    """The mode a plainly created file gets (mkstemp's 0600 would hide outputs from other users)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
 from pathlib import Path
 
 from .errors import UsageError
@@ -28,6 +35,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
+        os.chmod(tmp, _umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -48,6 +56,7 @@ def atomic_output(path: str | os.PathLike):
         os.close(fd)
         try:
             yield Path(tmp)
+            os.chmod(tmp, _umask_mode())
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):

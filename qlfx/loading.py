@@ -62,7 +62,7 @@ def default_input_shape(spec: str) -> tuple[int, ...] | None:
 
 def parse_shape(text: str) -> tuple[int, ...]:
     try:
-        dims = tuple(int(d) for d in text.replace("x", ",").split(",") if d.strip())
+        dims = tuple(int(d) for d in text.strip().split(","))
     except ValueError:
         dims = ()
     if not dims or any(d <= 0 for d in dims):
