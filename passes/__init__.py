@@ -1,2 +1,2 @@
 """qlfx's passes, one per module. Importing this package registers them all."""
-from . import constant_fold, dce, fold_bn, merge_parallel  # noqa: F401
+from . import basis_change, constant_fold, dce, fold_bn, fuse_product, merge_parallel, rebalance  # noqa: F401

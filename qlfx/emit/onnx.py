@@ -105,7 +105,10 @@ class _Emitter:
     # -- building blocks --------------------------------------------------------------------------
     def op(self, op_type: str, inputs: Sequence, attributes: dict | None = None, domain: str = "") -> ir.Value:
         attributes = {k: v for k, v in (attributes or {}).items() if v is not None}
-        return self.tape.op(op_type, list(inputs), attributes, domain=domain)
+        inputs = list(inputs)
+        while inputs and inputs[-1] is None:
+            inputs.pop()  # omit trailing optional inputs (onnxruntime 1.32 crashes on a trailing "" for some ops)
+        return self.tape.op(op_type, inputs, attributes, domain=domain)
 
     def initializer(self, array: np.ndarray, name: str) -> ir.Value:
         if name in self._initializers:
@@ -201,7 +204,8 @@ class _Emitter:
                 raise _Unsupported(f"output {i} is a {type(v).__name__}, not a tensor")
             # ONNX graph outputs must be produced by a node and appear once.
             if v.producer() is None or v in self.outputs:
-                v = self.op("Identity", [v])
+                source, v = v, self.op("Identity", [v])
+                v.shape, v.type = source.shape, source.type
             self.outputs.append(v)
         for i, v in enumerate(self.outputs):
             v.name = "output" if len(self.outputs) == 1 else f"output_{i}"
@@ -259,11 +263,6 @@ def _shape_of(em: _Emitter, value: ir.Value) -> list[int]:
     if value.shape is None or not all(isinstance(d, int) for d in value.shape):
         raise _Unsupported("static input shape unknown")
     return list(value.shape)
-
-
-def _fx_input(node: fx.Node, index: int = 0) -> fx.Node:
-    a = node.args[index] if len(node.args) > index else next(iter(node.kwargs.values()))
-    return a
 
 
 # ------------------------------------------------------------------------------- conv / linear / bn
@@ -422,6 +421,17 @@ def _identity(em, node, input, p=0.5, training=False, inplace=False, **_):
 
 
 # ------------------------------------------------------------------------------------------ pooling
+def _check_ceil_mode(em, node, input, kernel, stride, padding, dilation=(1, 1)) -> None:
+    """torch drops a last window that would start in the right padding; ONNX keeps it. Refuse when
+    that makes the sizes differ."""
+    in_hw = _shape_of(em, input)[2:]
+    onnx_hw = [math.ceil((in_hw[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) / stride[i]) + 1
+               for i in range(2)]
+    if onnx_hw != out_shape(node)[2:]:
+        raise _Unsupported(f"ceil_mode pooling whose last window starts in the padding (torch gives "
+                           f"{out_shape(node)[2:]}, ONNX would give {onnx_hw})")
+
+
 @converts(F.max_pool2d, torch.max_pool2d)
 def _max_pool2d(em, node, input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
                 return_indices=False):
@@ -429,6 +439,8 @@ def _max_pool2d(em, node, input, kernel_size, stride=None, padding=0, dilation=1
         raise _Unsupported("max_pool2d with return_indices")
     kernel = _pair(kernel_size)
     stride = _pair(stride) if stride not in (None, [], ()) else kernel
+    if ceil_mode:
+        _check_ceil_mode(em, node, input, kernel, stride, _pair(padding), _pair(dilation))
     return em.op("MaxPool", [input], {"kernel_shape": kernel, "strides": stride, "pads": _pair(padding) * 2,
                                       "dilations": _pair(dilation), "ceil_mode": int(bool(ceil_mode))})
 
@@ -440,6 +452,8 @@ def _avg_pool2d(em, node, input, kernel_size, stride=None, padding=0, ceil_mode=
         raise _Unsupported("avg_pool2d with divisor_override")
     kernel = _pair(kernel_size)
     stride = _pair(stride) if stride not in (None, [], ()) else kernel
+    if ceil_mode:
+        _check_ceil_mode(em, node, input, kernel, stride, _pair(padding))
     return em.op("AveragePool", [input], {"kernel_shape": kernel, "strides": stride, "pads": _pair(padding) * 2,
                                           "ceil_mode": int(bool(ceil_mode)),
                                           "count_include_pad": int(bool(count_include_pad))})
@@ -494,6 +508,16 @@ def _pair_float(v, n):
 def _reshape(em, node, input, *_, **__):
     # Static shapes: every view-like op is a Reshape to the traced output shape.
     return em.op("Reshape", [em.tensor(input, node, "input"), em.ints(out_shape(node), hint="shape")])
+
+
+@converts("method:repeat")
+def _repeat(em, node, input, *repeats):
+    repeats = list(repeats[0]) if len(repeats) == 1 and isinstance(repeats[0], (list, tuple)) else list(repeats)
+    shape = _shape_of(em, input)
+    if len(repeats) > len(shape):  # torch prepends size-1 dims first
+        shape = [1] * (len(repeats) - len(shape)) + shape
+        input = em.op("Reshape", [input, em.ints(shape, hint="shape")])
+    return em.op("Tile", [input, em.ints([int(r) for r in repeats], hint="repeats")])
 
 
 @converts(torch.cat, torch.concat)
@@ -555,6 +579,27 @@ def _getitem(em, node, value, index):
     return y
 
 
+@converts(torch.chunk, "method:chunk", torch.split, "method:split")
+def _split(em, node, input, sections, dim=0):
+    """chunk / split along one dim -> a tuple of Slices (getitem picks them)."""
+    shape = _shape_of(em, input)
+    dim = dim + len(shape) if dim < 0 else dim
+    n = shape[dim]
+    if node.target in (torch.chunk, "chunk"):
+        step = -(-n // int(sections))
+        sizes = [min(step, n - i) for i in range(0, n, step)]
+    elif isinstance(sections, int):
+        sizes = [min(sections, n - i) for i in range(0, n, sections)]
+    else:
+        sizes = [int(v) for v in sections]
+    pieces, start = [], 0
+    for size in sizes:
+        pieces.append(em.op("Slice", [input, em.ints([start], "starts"), em.ints([start + size], "ends"),
+                                      em.ints([dim], "axes")]))
+        start += size
+    return tuple(pieces)
+
+
 def _slice_shape(shape, starts, ends, axes, steps) -> list[int]:
     shape = list(shape)
     for s, e, a, st in zip(starts, ends, axes, steps):
@@ -605,6 +650,20 @@ converts(operator.truediv, torch.div, torch.true_divide, "method:div")(_binary("
 @converts(operator.neg, torch.neg, "method:neg")
 def _neg(em, node, input):
     return em.op("Neg", [input]) if isinstance(input, ir.Value) else -input
+
+
+def _unary(onnx_op: str):
+    def convert(em, node, input):
+        return em.op(onnx_op, [input])
+
+    convert.__name__ = f"_{onnx_op.lower()}"
+    return convert
+
+
+converts(torch.abs, operator.abs, "method:abs")(_unary("Abs"))
+converts(torch.exp, "method:exp")(_unary("Exp"))
+converts(torch.sqrt, "method:sqrt")(_unary("Sqrt"))
+converts(torch.erf, "method:erf")(_unary("Erf"))
 
 
 @converts(torch.matmul, operator.matmul)
@@ -705,7 +764,7 @@ def _branch_product(em, node, x, weight_a, bias_a, weight_b, bias_b, stride, pad
 try:
     import qlfx.ops  # noqa: F401  (registers the op)
 
-    converts(torch.ops.qlfx.branch_product.default)(_branch_product)
+    converts(torch.ops.qlfx.branch_product.default, torch.ops.qlfx.branch_product)(_branch_product)
 except (ImportError, AttributeError):  # pragma: no cover - ops.py missing
     pass
 
@@ -743,8 +802,8 @@ def to_onnx_model(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], op
     if em.unsupported:
         raise UnsupportedOpsError(
             "ONNX export", em.unsupported,
-            "Nothing was written. Replace these ops in the model, or run qlfx passes that remove them "
-            "(e.g. fold-bn for training-mode-free batchnorm).",
+            "Nothing was written. Express these parts of the model with supported ops "
+            "(qlfx.emit.onnx.supported_targets() lists them), or run passes that remove them first.",
         )
     graph = ir.Graph(em.inputs, em.outputs, nodes=em.tape.nodes, initializers=em.tape.initializers,
                      opset_imports={"": opset, QLFX_DOMAIN: 1}, name=gm.__class__.__name__ or "qlfx")
