@@ -26,21 +26,38 @@ computed in the graph instead of stored (e.g. the shared kernel ``w.repeat(C, 1,
 constant-fold), a conv output (or slice) that is also used elsewhere (fusing would compute it twice),
 strides that differ, a b-branch that is neither pointwise nor depthwise (no qlfx kernel), broadcasting.
 
-Fusing the FOLLOWING depthwise 3x3 too (PDEBlock: product -> conv2, W -> 2W, groups W, + folded BN)
+Fusing the FOLLOWING depthwise 3x3 too (PDEBlock: product -> conv2 dw W -> 2W, groups W, + folded BN)
 ------------------------------------------------------------------------------------------------------
-Measured, and not done. torch 2.13 CPU, 2 threads, batch 1, qlnet50 stage shapes (first-stage-block
-shapes; milliseconds, median of 30 runs, measured by benchmarks in this docstring's history: the numbers
-below come from ``python -m qlfx.passes.fuse_product`` which reruns the measurement):
+Measured; NOT done. ``python -m qlfx.passes.fuse_product [rounds]`` reruns :func:`measure_following_depthwise`:
+torch 2.13 CPU, 2 threads, batch 1, qlnet50 non-downsampling block shapes, variants interleaved round by
+round, MIN of 40 rounds in ms. The machine ran other jobs (load 5-13 on 2 cores; medians were 2-50x the
+minimum). Three runs: stages 3-4 agree to ~10 %; stages 1-2 vary up to 3x (ranges in brackets)::
 
-    stage  u (C,HxW)   W     conv1x1+mul (2M rows)   dw3x3 W->2W   reference total   banded fused
-    1      64, 56x56   256        MEAS_S1_A              MEAS_S1_D        MEAS_S1_T         MEAS_S1_F
-    2      128, 28x28  512        MEAS_S2_A              MEAS_S2_D        MEAS_S2_T         MEAS_S2_F
-    3      256, 14x14  512        MEAS_S3_A              MEAS_S3_D        MEAS_S3_T         MEAS_S3_F
-    4      512, 7x7    1024       MEAS_S4_A              MEAS_S4_D        MEAS_S4_T         MEAS_S4_F
+    stage (C, HxW, W)     reference  conv1x1  product  dw W->2W     pure dw 2W->2W  op    op+dw  op(2W)+pure dw  banded
+    1 (64, 56x56, 256)      24.6      1.36     0.31     7.4 [7-24]      1.14       1.86   23.9      36.1       14.5 [14-46]
+    2 (128, 28x28, 512)      3.6      1.07     0.16     2.3             0.58       1.29   11.4*     20.7*      12.4*
+    3 (256, 14x14, 512)      1.33     0.47     0.05     0.74            0.21       0.71    1.42      1.41       2.04
+    4 (512, 7x7, 1024)       1.51     0.74     0.04     0.71            0.21       1.06    1.75      2.08       1.70
+    (* disturbed by other jobs: 3.4 and 3.8 ms in another run)
 
-"banded fused" is the only fused formulation expressible without a new kernel: compute
-conv1x1 -> product -> dw3x3 per band of output rows (with a one-row halo recomputed), so the product
-tile stays in cache. DECISION_TEXT
+reference = conv1x1 (2W rows) -> slice product -> dw; op = this pass's fused op (reference impl.);
+op(2W)+pure dw = the product computed with a- and b-weights repeated row-wise so it yields the 2W channels
+the dw reads (output o reads p[o // 2]), then a pure depthwise 2W -> 2W; banded = conv1x1 -> product ->
+dw per band of 7/14 output rows with a recomputed one-row halo, so the product tile stays in cache.
+
+Decision: no fused formulation pays. The product is 3-4 % of the block front (0.05 of 1.33 ms at stage 3),
+so the most a fused product+dw kernel can save is that plus the round trip of p through memory; the
+banded form loses to per-call overhead and halo recompute (stages 2-4), the 2W form to its doubled GEMM.
+What does cost time is torch's depthwise with channel multiplier 2: 3.5x (stages 3-4) and 6-20x (stage 1)
+slower than a pure depthwise on ``repeat_interleave(p, 2)``; banded's one stage-1 win (14.5 vs 24.6 ms)
+comes from running that slow depthwise on cache-sized tiles, which the pure-depthwise form gets without
+recompute. That is an exact rewrite of its own
+(``conv(p, w, groups=W) == conv(p.repeat_interleave(2, 1), w, groups=2W)``), independent of the product,
+and belongs in a separate pass, not in the branch_product op (whose schema and TVM kernels are fixed).
+
+Note also that in torch eager the fused op is SLOWER than the unfused pair (0.71 vs 0.52 ms at stage 3):
+two half-size GEMMs instead of one, plus ~60 us of ``torch.library.custom_op`` dispatch per call. The op
+is for the emitters (the ONNX function ``qlfx.BranchProduct``, the TVM kernels), not for eager speed.
 """
 from __future__ import annotations
 
@@ -241,3 +258,91 @@ class FuseProduct(Pass):
             if not n.users:
                 gm.graph.erase_node(n)
         return kind
+
+
+# --------------------------------------------------------------------------------- measurement
+def measure_following_depthwise(rounds: int = 30, threads: int = 2) -> list[dict[str, float]]:
+    """Time, at batch 1, one PDEBlock's ``conv1x1 -> split product -> depthwise 3x3 (W -> 2W) + bias`` on
+    qlnet50's stage shapes (the reference), against fused formulations of product + depthwise.
+
+    Variants are interleaved round by round (other processes on the machine slow them alike); returns
+    per stage the min and median milliseconds of each. Run: ``python -m qlfx.passes.fuse_product``.
+    """
+    import statistics
+    import time
+
+    import torch.nn.functional as F
+
+    torch.set_num_threads(threads)
+    stages = [(1, 64, 56, 256), (2, 128, 28, 512), (3, 256, 14, 512), (4, 512, 7, 1024)]  # (stage, C, H, W)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    with torch.no_grad():
+        for stage, c, h, width in stages:
+            u = torch.randn(1, c, h, h, generator=gen)
+            w1 = torch.randn(2 * width, c, 1, 1, generator=gen) / c ** 0.5
+            b1 = torch.randn(2 * width, generator=gen)
+            w2 = torch.randn(2 * width, 1, 3, 3, generator=gen) / 3
+            b2 = torch.randn(2 * width, generator=gen)
+            wa, wb, ba, bb = (t.contiguous() for t in (w1[:width], w1[width:], b1[:width], b1[width:]))
+            # dw W -> 2W (groups W) reads input o // 2 for output o: = repeat_interleave(2) + pure depthwise.
+            # Folding that repeat into the product's weights makes the op emit 2W channels directly.
+            wa2, wb2, ba2, bb2 = (t.repeat_interleave(2, dim=0) for t in (wa, wb, ba, bb))
+            out = torch.empty(1, 2 * width, h, h)
+
+            def reference():
+                z = F.conv2d(u, w1, b1)
+                return F.conv2d(z[:, :width] * z[:, width:], w2, b2, 1, 1, 1, width)
+
+            def op_then_dw():
+                p = torch.ops.qlfx.branch_product(u, wa, ba, wb, bb, [1, 1], [0, 0], [1, 1], 1)
+                return F.conv2d(p, w2, b2, 1, 1, 1, width)
+
+            def op2w_then_pure_dw():
+                p2 = torch.ops.qlfx.branch_product(u, wa2, ba2, wb2, bb2, [1, 1], [0, 0], [1, 1], 1)
+                return F.conv2d(p2, w2, b2, 1, 1, 1, 2 * width)
+
+            def banded(band):
+                def run():  # product tile of band+2 rows stays in cache; the halo rows are recomputed
+                    for r0 in range(0, h, band):
+                        r1 = min(h, r0 + band)
+                        lo, hi = max(0, r0 - 1), min(h, r1 + 1)
+                        z = F.conv2d(u[:, :, lo:hi], w1, b1)
+                        p = F.pad(z[:, :width] * z[:, width:], (1, 1, 1 if r0 == 0 else 0, 1 if r1 == h else 0))
+                        out[:, :, r0:r1] = F.conv2d(p, w2, b2, 1, 0, 1, width)
+                    return out
+                return run
+
+            variants = {"reference": reference, "op+dw": op_then_dw, "op(2W)+pure dw": op2w_then_pure_dw,
+                        "banded 7": banded(7), "banded 14": banded(14) if h > 14 else banded(4)}
+            want = reference()
+            for name, fn in variants.items():
+                assert torch.allclose(fn(), want, rtol=1e-4, atol=1e-3), name
+            p_example = want[:, :width].contiguous()
+            p2_example = want.contiguous()
+            parts = {"conv1x1": lambda: F.conv2d(u, w1, b1),
+                     "product": (lambda z: lambda: z[:, :width] * z[:, width:])(F.conv2d(u, w1, b1)),
+                     "op alone": lambda: torch.ops.qlfx.branch_product(u, wa, ba, wb, bb, [1, 1], [0, 0], [1, 1], 1),
+                     "dw W->2W": lambda: F.conv2d(p_example, w2, b2, 1, 1, 1, width),
+                     "pure dw 2W->2W": lambda: F.conv2d(p2_example, w2, b2, 1, 1, 1, 2 * width)}
+            variants.update(parts)
+            times = {k: [] for k in variants}
+            for _ in range(rounds):
+                for name, fn in variants.items():
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+            row = {"stage": stage, "C": c, "H": h, "W": width}
+            for name, ts in times.items():
+                row[f"{name} min"] = min(ts) * 1e3
+                row[f"{name} median"] = statistics.median(ts) * 1e3
+            rows.append(row)
+            print("  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()),
+                  flush=True)
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover - measurement
+    import sys
+
+    measure_following_depthwise(int(sys.argv[1]) if len(sys.argv) > 1 else 30)

@@ -1,6 +1,6 @@
 """The ``qlfx`` command.
 
-Exit codes: 0 every check held; 1 a pass broke equivalence (or a compare failed); 2 bad usage or bad
+Exit codes: 0 every check held; 1 a pass broke equivalence (or --bisect found one, or a compare failed); 2 bad usage or bad
 input (unknown model/pass, wrong shape, unwritable path, ...); 3 an internal error (a bug: please report).
 """
 from __future__ import annotations
@@ -13,9 +13,17 @@ EXIT_OK, EXIT_NOT_EQUIVALENT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
 
 EPILOG = """exit codes:
   0  every check held
-  1  a pass broke equivalence (the failing pass and first diverging node are printed)
+  1  a pass broke equivalence (the failing pass and first diverging node are printed),
+     --bisect found a bad pass, or `compare` found an output beyond --tolerance
   2  bad usage or bad input (unknown model or pass, wrong input shape, unwritable path, ...)
   3  internal error (a bug in qlfx)
+
+debugging (LLVM opt / Polygraphy style):
+  qlfx run MODEL --passes a,b --bisect        first bad pass and first bad rewrite site
+  qlfx run MODEL --dump-dir D                 every stage as D/000_input.py, D/001_fold-bn.py, ... (+ .dot/.svg)
+  qlfx diff D/000_input.py D/001_fold-bn.py   nodes added / removed / changed, code diff
+  qlfx run MODEL --report r.html (or .md)     per pass: contract, changed nodes, errors, params, MACs, time, picture
+  qlfx run MODEL --emit onnx -o m.onnx && qlfx compare MODEL m.onnx    per-output errors, smallest passing tol
 
 MODEL is a zoo name (qlnet50, qlnet-eq3, qlnet-tiny, ... see `qlfx models`), path/to/file.py:factory or
 package.module:factory (factory: a callable returning an nn.Module, or an nn.Module object)."""
@@ -48,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "per-pass report, optionally emit ONNX or TVM.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(run)
+    run.add_argument("--load", action="append", default=[], metavar="FILE.py|pkg.module",
+                     help="import this file or module first, so the passes it registers (@register_pass) can be "
+                          "named in --passes (repeatable; like opt -load)")
     run.add_argument("--passes", default=DEFAULT_PIPELINE,
                      help=f"comma-separated pipeline, options in <>: e.g. 'fold-bn,slice<budget=0.01>' "
                           f"(default: {DEFAULT_PIPELINE})")
@@ -67,6 +78,49 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for --emit tvm (default 0)")
     run.add_argument("--tuning-db", metavar="DIR", help="persistent tuning database folder for --emit tvm")
     run.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    run.add_argument("--bisect", action="store_true",
+                     help="instead of stopping at the first failing check, bisect over how many passes and "
+                          "then how many rewrites run to find the first pass and rewrite site that break "
+                          "equivalence with the model (exit 1 when found, 0 when nothing breaks)")
+    run.add_argument("--report", metavar="FILE.html|FILE.md",
+                     help="write a per-pass report: contract, changed nodes, errors, params, MACs, time, picture "
+                          "(written also when a pass fails)")
+    run.add_argument("--svg-dir", metavar="DIR",
+                     help="draw every stage as DIR/000_input.svg, DIR/001_<pass>.svg ... with the nodes each pass "
+                          "made highlighted (needs Graphviz `dot`; else .dot files)")
+
+    diff = sub.add_parser(
+        "diff", help="diff two dumped stages (files from --dump-dir)",
+        description="Compare two stages written by `qlfx run --dump-dir DIR` (e.g. DIR/000_input.py "
+                    "DIR/001_fold-bn.py): nodes added / removed / changed by name, then the code side by side "
+                    "('|' changed line, '<' only in A, '>' only in B) or, with -u, as a unified diff.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    diff.add_argument("a", metavar="A", help="first stage file (e.g. DIR/000_input.py)")
+    diff.add_argument("b", metavar="B", help="second stage file (e.g. DIR/001_fold-bn.py)")
+    diff.add_argument("--unified", "-u", action="store_true", help="a unified diff instead of two columns")
+    diff.add_argument("--width", type=int, default=160, help="total width of the two columns (default 160)")
+    diff.add_argument("--nodes-only", action="store_true", help="only the lists of changed nodes")
+
+    cmp = sub.add_parser(
+        "compare", help="run MODEL and an .onnx / TVM .so artifact on the same inputs, per-output errors",
+        description="Run MODEL (torch) and ARTIFACT (.onnx through onnxruntime, or a TVM .so from "
+                    "`qlfx run --emit tvm`) on the same seeded random inputs; print per-output max abs / rel "
+                    "error and the smallest relative tolerance that would pass. Exit 1 when an output fails "
+                    "--tolerance.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(cmp)
+    cmp.add_argument("artifact", metavar="ARTIFACT", help="model.onnx or model.so")
+    cmp.add_argument("--tolerance", type=float, default=1e-4, metavar="REL",
+                     help="relative tolerance: max|new-ref| <= REL * max|ref| (default 1e-4)")
+    cmp.add_argument("--inputs", type=int, default=3, metavar="N", help="number of random input sets (default 3)")
+    cmp.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+
+    sym = sub.add_parser(
+        "symmetry", help="trace MODEL, fold batchnorm, and print its channel spaces and symmetry groups",
+        description="Trace MODEL, run fold-bn,constant-fold,dce, then print the channel spaces and the group "
+                    "acting on each (qlfx.symmetry.analyze).", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(sym)
+    sym.add_argument("--seed", type=int, default=0, help="seed of the example input (default 0)")
     return parser
 
 
@@ -104,16 +158,30 @@ def cmd_models(args) -> int:
 def cmd_run(args) -> int:
     import json
 
+    from . import debug
     from . import instruments as ins
     from .api import compile as qlfx_compile
-    from .errors import UsageError
+    from .errors import EquivalenceError, UsageError
     from .io import atomic_write
     from .loading import load_array, load_model
 
     if args.emit and not args.output:
         raise UsageError("--emit needs -o PATH")
+    for spec in args.load:
+        _load_plugin(spec)
+    for path in (args.output, args.json, args.report):
+        if path:
+            _check_output_path(path)
+    if args.report and not args.report.lower().endswith((".html", ".htm", ".md")):
+        raise UsageError(f"--report '{args.report}' must end in .html or .md")
     model = load_model(args.model)
     example = _example_inputs(args)
+    if args.bisect:
+        calibration = load_array(args.calibration) if args.calibration else None
+        found = debug.bisect(model, args.passes, example, tolerance=args.tolerance, calibration=calibration,
+                             leaf_modules=args.leaf, seed=args.seed)
+        print(found)
+        return EXIT_NOT_EQUIVALENT if found.found else EXIT_OK
     instruments = []
     if args.print_before or args.print_after:
         instruments.append(ins.PrintIR(before=args.print_before, after=args.print_after))
@@ -124,13 +192,33 @@ def cmd_run(args) -> int:
     dump = ins.DumpDir(args.dump_dir) if args.dump_dir else None
     if dump:
         instruments.append(dump)
+    svg = debug.SvgDir(args.svg_dir) if args.svg_dir else None
+    if svg:
+        instruments.append(svg)
+    collector = debug.ReportCollector() if args.report else None
+    if collector:
+        instruments.append(collector)
     calibration = load_array(args.calibration) if args.calibration else None
-    compiled = qlfx_compile(model, passes=args.passes, example_inputs=example, calibration=calibration,
-                            verify=not args.no_verify, tolerance=args.tolerance, instruments=instruments,
-                            leaf_modules=args.leaf, seed=args.seed)
+    title = f"qlfx run {args.model} --passes {args.passes}"
+    try:
+        compiled = qlfx_compile(model, passes=args.passes, example_inputs=example, calibration=calibration,
+                                verify=not args.no_verify, tolerance=args.tolerance, instruments=instruments,
+                                leaf_modules=args.leaf, seed=args.seed)
+    except EquivalenceError as err:
+        if collector:
+            debug.adopt_report_times(collector, err.report)
+            path = debug.write_report(args.report, collector, title, error=str(err))
+            print(f"wrote report {path}", file=sys.stderr)
+        raise
     print(compiled.report)
     if dump and dump.svg_problem:
         print(f"note: {dump.svg_problem}")
+    if svg:
+        print(f"wrote {len(svg.written)} picture(s) to {args.svg_dir}" + (f"\nnote: {svg.problem}" if svg.problem else ""))
+    if collector:
+        debug.adopt_report_times(collector, compiled.report)
+        print(f"wrote report {debug.write_report(args.report, collector, title)}"
+              + (f"\nnote: {collector.svg_problem}" if collector.svg_problem else ""))
     if args.json:
         atomic_write(args.json, json.dumps(compiled.report.to_dict(), indent=2))
     if args.emit == "onnx":
@@ -143,14 +231,102 @@ def cmd_run(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"passes": cmd_passes, "models": cmd_models, "run": cmd_run}
+def _load_plugin(spec: str) -> None:
+    """Import a file or module that registers passes."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    from .errors import UsageError
+
+    try:
+        if spec.endswith(".py") or "/" in spec:
+            path = Path(spec)
+            if not path.is_file():
+                raise UsageError(f"--load: file '{path}' does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"qlfx_plugin_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[module_spec.name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            importlib.import_module(spec)
+    except UsageError:
+        raise
+    except Exception as err:
+        raise UsageError(f"--load '{spec}' failed: {type(err).__name__}: {err}") from err
+
+
+def _check_output_path(path: str) -> None:
+    """Fail before any work when an output file cannot be written (its folder is missing and cannot be
+    made, or is read-only, or the path is a folder)."""
+    import os
+    from pathlib import Path
+
+    from .errors import UsageError
+    from .io import ensure_writable_dir
+
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"output path '{p}' is a folder; give a file name (e.g. {p / 'model.onnx'})")
+    ensure_writable_dir(p.parent if str(p.parent) else ".")
+    if p.exists() and not os.access(p, os.W_OK):
+        raise UsageError(f"output file '{p}' exists and is not writable; choose another path")
+
+
+def cmd_diff(args) -> int:
+    from .debug import diff_stages
+
+    d = diff_stages(args.a, args.b, width=args.width)
+    print(d.summary())
+    if not args.nodes_only and not d.identical:
+        print()
+        print(d.unified if args.unified else d.side_by_side)
+    return EXIT_OK
+
+
+def cmd_compare(args) -> int:
+    from .debug import compare_artifact
+    from .loading import load_model
+
+    model = load_model(args.model)
+    result = compare_artifact(model, args.artifact, _example_inputs(args), tolerance=args.tolerance,
+                              count=args.inputs, seed=args.seed)
+    print(result)
+    if not result.passed:
+        print(f"\nerror: '{args.artifact}' differs from the model beyond tolerance {args.tolerance:g}; "
+              f"it would pass with --tolerance {result.needed:.3g}", file=sys.stderr)
+        return EXIT_NOT_EQUIVALENT
+    return EXIT_OK
+
+
+def cmd_symmetry(args) -> int:
+    from .api import compile as qlfx_compile
+    from .errors import UsageError
+    from .loading import load_model
+
+    try:
+        from .symmetry import analyze, format_report
+    except ImportError as err:
+        raise UsageError(f"qlfx.symmetry has no analyze/format_report in this build ({err})") from err
+    model = load_model(args.model)
+    compiled = qlfx_compile(model, passes="fold-bn,constant-fold,dce", example_inputs=_example_inputs(args),
+                            leaf_modules=args.leaf, seed=args.seed)
+    print(format_report(analyze(compiled.graph_module)))
+    return EXIT_OK
+
+
+COMMANDS = {"passes": cmd_passes, "models": cmd_models, "run": cmd_run, "diff": cmd_diff,
+            "compare": cmd_compare, "symmetry": cmd_symmetry}
 
 
 def main(argv=None) -> int:
     from .errors import EquivalenceError, UsageError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse: --help / --version exit 0, bad usage exits 2
+        return int(stop.code or 0)
     if not args.command:
         parser.print_help()
         return EXIT_USAGE

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import difflib
 import html
-import operator
 import re
 import time
 from dataclasses import dataclass, field
@@ -112,22 +111,33 @@ class StageDiff:
         return "\n".join(parts)
 
 
+_FREES = re.compile(r";\s+(?:[A-Za-z_][A-Za-z0-9_]*\s*=\s*)+None\s*$")
+
+
+def _normalise(code: str) -> list[str]:
+    """Code lines without comments and without fx's ``;  a = b = None`` frees (codegen noise that
+    changes whenever a later use moves)."""
+    return [_FREES.sub("", l).rstrip() for l in code.splitlines() if not l.startswith("#")]
+
+
 def diff_code(a_code: str, b_code: str, a_name: str = "A", b_name: str = "B", width: int = 160) -> StageDiff:
     a_nodes, b_nodes = parse_graph_code(a_code), parse_graph_code(b_code)
-    strip = lambda code: [l for l in code.splitlines() if not l.startswith("#")]  # noqa: E731
-    a_lines, b_lines = strip(a_code), strip(b_code)
+    a_lines, b_lines = _normalise(a_code), _normalise(b_code)
     unified = "\n".join(difflib.unified_diff(a_lines, b_lines, a_name, b_name, lineterm=""))
+    # Side by side, aligned on node names: a row holds the same node in both stages ('|' when its
+    # line changed), '<' a node only in A, '>' a node only in B.
+    key = lambda l: (m.group(1) if (m := _ASSIGN.match(l)) else l)  # noqa: E731
     col = max(20, (width - 3) // 2)
+    cut = lambda l: l if len(l) <= col else l[: col - 1] + "~"  # noqa: E731
     rows = []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(None, a_lines, b_lines, autojunk=False).get_opcodes():
-        left, right = a_lines[i1:i2], b_lines[j1:j2]
-        mark = {"equal": " ", "replace": "|", "delete": "<", "insert": ">"}[tag]
-        for k in range(max(len(left), len(right))):
-            l = left[k] if k < len(left) else ""
-            r = right[k] if k < len(right) else ""
-            l = l if len(l) <= col else l[: col - 1] + "~"
-            r = r if len(r) <= col else r[: col - 1] + "~"
-            rows.append(f"{l:<{col}} {mark} {r}")
+    matcher = difflib.SequenceMatcher(None, [key(l) for l in a_lines], [key(l) for l in b_lines], autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            for l, r in zip(a_lines[i1:i2], b_lines[j1:j2]):
+                rows.append(f"{cut(l):<{col}} {' ' if l == r else '|'} {cut(r)}")
+            continue
+        rows += [f"{cut(l):<{col}} <" for l in a_lines[i1:i2]]
+        rows += [f"{'':<{col}} > {cut(r)}" for r in b_lines[j1:j2]]
     return StageDiff(
         a_name, b_name,
         added=[n for n in b_nodes if n not in a_nodes],
@@ -161,7 +171,8 @@ def changed_nodes(before: fx.GraphModule, after: fx.GraphModule) -> StageDiff:
 class BisectResult:
     """The first pass (1-based ``pass_index`` in the pipeline) after which the graph is no longer
     equivalent to the model, and, for passes that count their rewrites, the first bad rewrite
-    (1-based ``rewrite_index``) and its ``site``. ``pass_name`` is None when nothing broke."""
+    (1-based ``rewrite_index``) and its ``site``. ``pass_name`` is None when nothing broke, and
+    ``"(trace)"`` (index 0) when the traced graph itself differs from the model."""
 
     pass_name: str | None
     pass_index: int | None
@@ -214,7 +225,7 @@ def bisect(model, passes, example_inputs, *, tolerance: Tolerance | float | None
            config=None, leaf_modules=(), seed: int = 0, verify_inputs: int = 2) -> BisectResult:
     """Find the first pass, then the first rewrite of that pass, that breaks equivalence with the model.
 
-    The check at each probe: the graph after the probe against the *traced input graph*, on
+    The check at each probe: the graph after the probe against the model itself, on
     ``verify_inputs`` seeded random inputs plus the calibration sets, with ``tolerance`` (default: the
     dtype's; lossy passes add their budgets). A pass or graph that raises counts as broken.
     """
@@ -242,7 +253,8 @@ def bisect(model, passes, example_inputs, *, tolerance: Tolerance | float | None
     def broken(gm, k) -> str | None:
         state["runs"] += 1
         try:
-            check = check_equivalence(reference, gm, inputs, tolerance_upto(k))
+            # Against the user's model itself, so a wrong trace shows up as stage 0.
+            check = check_equivalence(model, gm, inputs, tolerance_upto(k))
         except Exception as err:  # a graph that no longer runs is broken
             return f"the graph fails to run: {type(err).__name__}: {err}"
         return None if check.passed else check.summary()
@@ -269,9 +281,13 @@ def bisect(model, passes, example_inputs, *, tolerance: Tolerance | float | None
         return broken(gm, k)
 
     n = len(pipeline)
-    last_error = bad_after(n) if n else None
+    last_error = bad_after(n)
     if last_error is None:
         return BisectResult(None, None, runs=state["runs"])
+    trace_error = bad_after(0)
+    if trace_error is not None:
+        return BisectResult("(trace)", 0, error=f"the traced graph already differs from the model: {trace_error}",
+                            runs=state["runs"])
     lo, hi = 0, n  # invariant: prefix lo is good, prefix hi is bad
     errors = {n: last_error}
     while hi - lo > 1:
@@ -432,6 +448,21 @@ class StageRecord:
     failed: bool = False
 
 
+def highlighted_dot(gm: fx.GraphModule, names, title: str = "") -> str:
+    """:func:`qlfx.graphviz.to_dot` with the nodes in ``names`` filled orange (the nodes a pass added or
+    whose arguments it changed; provenance alone misses rewired nodes, e.g. a conv given folded weights)."""
+    from .graphviz import to_dot
+
+    names = set(names)
+    lines = []
+    for line in to_dot(gm, title=title).splitlines():
+        m = re.match(r'^  "([^"]+)" \[label=', line)
+        if m and m.group(1) in names and "fillcolor" not in line and line.endswith("];"):
+            line = line[:-2] + ', style=filled, fillcolor="#ffb347"];'
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 class ReportCollector(Instrument):
     """Records every stage for :func:`write_report`: node diff, params, MACs, time, picture."""
 
@@ -445,12 +476,12 @@ class ReportCollector(Instrument):
         self._before = None
         self._t0 = 0.0
 
-    def _picture(self, gm, origin, title):
-        from .graphviz import render_svg, to_dot
+    def _picture(self, gm, names, title):
+        from .graphviz import render_svg
 
         if not self.pictures:
             return None, None
-        dot = to_dot(gm, highlight_origin=origin, title=title)
+        dot = highlighted_dot(gm, names, title=title)
         if self.svg_problem:
             return None, dot
         try:
@@ -461,7 +492,7 @@ class ReportCollector(Instrument):
             return None, dot
 
     def on_start(self, gm):
-        svg, dot = self._picture(gm, None, "input graph")
+        svg, dot = self._picture(gm, (), "input graph")
         self.stages.append(StageRecord(0, "(input)", "-", False, 0.0, ir.count_params(gm)[0], count_macs(gm),
                                        svg=svg, dot=dot, code=graph_code(gm)))
         self._before = graph_code(gm)
@@ -474,11 +505,20 @@ class ReportCollector(Instrument):
         seconds = time.perf_counter() - self._t0
         code = graph_code(gm)
         diff = diff_code(self._before or "", code, "before", "after")
-        svg, dot = self._picture(gm, pass_.name, f"after {pass_.name}")
+        svg, dot = self._picture(gm, diff.added + diff.changed, f"after {pass_.name}")
         failed = check is not None and not check.passed
         self.stages.append(StageRecord(index, pass_.name, pass_.contract, result.changed, seconds,
                                        ir.count_params(gm)[0], count_macs(gm), check, result, diff, svg, dot,
                                        code, failed))
+
+
+def adopt_report_times(collector: ReportCollector, report) -> None:
+    """Replace the collector's wall times (which include other instruments' work) by the pass manager's
+    own per-pass seconds (pass run + shape propagation)."""
+    rows = [r for r in getattr(report, "rows", [])][1:]
+    for stage, row in zip(collector.stages[1:], rows):
+        if row.pass_name == stage.name:
+            stage.seconds = row.seconds
 
 
 def _fmt_err(check) -> tuple[str, str, str]:
@@ -610,19 +650,24 @@ class SvgDir(Instrument):
             "Graphviz `dot` is not installed, so only .dot files were written to "
             f"{self.directory} (install it: apt-get install graphviz; or open the .dot files in a viewer)")
         self.written: list[Path] = []
+        self._before = ""
 
-    def _write(self, stem, gm, origin, title):
-        from .graphviz import render_svg, to_dot
+    def _write(self, stem, gm, names, title):
+        from .graphviz import render_svg
         from .io import atomic_write
 
-        dot = to_dot(gm, highlight_origin=origin, title=title)
+        dot = highlighted_dot(gm, names, title=title)
         if self.problem:
             self.written.append(atomic_write(self.directory / f"{stem}.dot", dot))
         else:
             self.written.append(atomic_write(self.directory / f"{stem}.svg", render_svg(dot)))
 
     def on_start(self, gm):
-        self._write("000_input", gm, None, "input graph")
+        self._write("000_input", gm, (), "input graph")
+
+    def before_pass(self, index, pass_, gm):
+        self._before = graph_code(gm)
 
     def after_pass(self, index, pass_, gm, result, check):
-        self._write(f"{index:03d}_{pass_.name}", gm, pass_.name, f"after {pass_.name}")
+        d = diff_code(self._before, graph_code(gm))
+        self._write(f"{index:03d}_{pass_.name}", gm, d.added + d.changed, f"after {pass_.name}")

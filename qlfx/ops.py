@@ -50,30 +50,31 @@ def _output_size(size: int, kernel: int, stride: int, padding: int, dilation: in
 
 
 def _check_shapes(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b) -> tuple[int, ...]:
-    """Validate the arguments; return the output shape (N, M, H', W')."""
-    torch._check(x.dim() == 4, lambda: f"branch_product: x must be (N, C, H, W), got {x.dim()} dims")
-    torch._check(weight_a.dim() == 4 and tuple(weight_a.shape[2:]) == (1, 1),
-                 lambda: f"branch_product: weight_a must be [M, C, 1, 1], got {tuple(weight_a.shape)}")
-    torch._check(weight_a.shape[1] == x.shape[1],
-                 lambda: f"branch_product: weight_a reads {weight_a.shape[1]} channels, x has {x.shape[1]}")
-    torch._check(weight_b.dim() == 4 and weight_b.shape[0] == weight_a.shape[0],
-                 lambda: f"branch_product: weight_b must be [M, C/groups_b, k, k] with M = "
-                         f"{weight_a.shape[0]}, got {tuple(weight_b.shape)}")
-    torch._check(weight_b.shape[1] * groups_b == x.shape[1],
-                 lambda: f"branch_product: weight_b reads {weight_b.shape[1]} x {groups_b} groups channels, "
-                         f"x has {x.shape[1]}")
+    """Validate the arguments; return the output shape (N, M, H', W'). Plain ``if``s: this runs on every
+    call, and a dozen torch._check calls cost more than the op's small convs."""
+    def fail(message: str):
+        raise RuntimeError(f"qlfx::branch_product: {message}")
+
+    if x.dim() != 4:
+        fail(f"x must be (N, C, H, W), got {x.dim()} dims")
+    n, c, h, w = x.shape
+    if weight_a.dim() != 4 or weight_a.shape[1] != c or weight_a.shape[2] != 1 or weight_a.shape[3] != 1:
+        fail(f"weight_a must be [M, {c}, 1, 1], got {tuple(weight_a.shape)}")
+    m = weight_a.shape[0]
+    if weight_b.dim() != 4 or weight_b.shape[0] != m or weight_b.shape[1] * groups_b != c:
+        fail(f"weight_b must be [{m}, C/groups_b, k, k] with C = {c}, groups_b = {groups_b}; "
+             f"got {tuple(weight_b.shape)}")
     for name, bias in (("bias_a", bias_a), ("bias_b", bias_b)):
-        torch._check(bias is None or tuple(bias.shape) == (weight_a.shape[0],),
-                     lambda: f"branch_product: {name} must be [{weight_a.shape[0]}]")
-    torch._check(len(stride) == 2 and len(padding_b) == 2 and len(dilation_b) == 2,
-                 lambda: "branch_product: stride, padding_b and dilation_b take two ints each")
-    h_a, w_a = (_output_size(x.shape[2 + i], 1, stride[i], 0, 1) for i in range(2))
-    h_b, w_b = (_output_size(x.shape[2 + i], weight_b.shape[2 + i], stride[i], padding_b[i], dilation_b[i])
-                for i in range(2))
-    torch._check((h_a, w_a) == (h_b, w_b),
-                 lambda: f"branch_product: the branches give different sizes, {(h_a, w_a)} vs {(h_b, w_b)}; "
-                         f"padding_b must match weight_b's extent")
-    return (x.shape[0], weight_a.shape[0], h_a, w_a)
+        if bias is not None and (bias.dim() != 1 or bias.shape[0] != m):
+            fail(f"{name} must be [{m}], got {tuple(bias.shape)}")
+    if len(stride) != 2 or len(padding_b) != 2 or len(dilation_b) != 2:
+        fail("stride, padding_b and dilation_b take two ints each")
+    size_a = (_output_size(h, 1, stride[0], 0, 1), _output_size(w, 1, stride[1], 0, 1))
+    size_b = (_output_size(h, weight_b.shape[2], stride[0], padding_b[0], dilation_b[0]),
+              _output_size(w, weight_b.shape[3], stride[1], padding_b[1], dilation_b[1]))
+    if size_a != size_b:
+        fail(f"the branches give different sizes, {size_a} vs {size_b}; padding_b must match weight_b's extent")
+    return (n, m, size_a[0], size_a[1])
 
 
 def branch_product_reference(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b):

@@ -401,3 +401,25 @@ def count_convs(gm) -> int:
     from qlfx import ir
 
     return sum(1 for n in gm.graph.nodes if ir.ConvCall.of(n) is not None)
+
+
+def small_convnet() -> nn.Module:
+    """A small randomized ConvNet for CLI tests (``tests/blocks.py:small_convnet``, input 1,3,8,8)."""
+    spec = [("bottleneck", 8, 1, "relu"), ("repvgg", 8, 2, "relu"), ("dwsep_se", 8, 1, "relu")]
+    return randomize(ConvNet(spec, stem=8), seed=11)
+
+
+try:
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def one_torch_thread():
+        """Tests on these small nets run faster on one intra-op thread (and much faster when other jobs
+        load the machine: two spinning threads per process thrash). Import it into a test module to apply
+        it there; the previous setting is restored after each test."""
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(previous)
+except ImportError:  # blocks.py is also usable without pytest
+    pass

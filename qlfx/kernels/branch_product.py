@@ -46,6 +46,13 @@ TVM 0.27 API notes / pitfalls (learned the hard way)
   the epilogue loops must be unrolled too, or the whole tile is spilled and the kernel runs 40x slower.
 * The accumulator layout matters: with m not innermost the "vector" loads of the tile become
   16 ``vinsertps`` gathers per FMA.
+* Knobs must reach the schedule as RVs: ``sch.split(loop, [None, sch.sample_categorical(...)])``.
+  A Python int read back from a sample is baked into the trace as a constant, so re-sampling it (what
+  MetaSchedule's search does) would change nothing, and trace simplification drops the unused sample.
+* ``sch.fuse(ho, wo)`` followed by a pixel split that crosses rows gives compute_at a non-constant
+  ("Sub") region; ``transform_block_layout`` to one flat pixel iter var avoids it.
+* ``tvm.ir.structural_equal`` is gone in 0.27; use ``tvm.ir.assert_structural_equal``.
+* The target's ``num-cores`` does not set the runtime thread count; ``TVM_NUM_THREADS`` does.
 * The unrolled reduction order must be (c, p, t, m-vec): broadcast one x scalar and use it for the A
   and B FMAs at once. With (c, t, p) LLVM keeps p_tile broadcasts live across t and spills.
 """
@@ -53,7 +60,6 @@ TVM 0.27 API notes / pitfalls (learned the hard way)
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -370,9 +376,12 @@ def branch_product_primfunc(spec: BranchProductSpec) -> tirx.PrimFunc:
 class LlvmKnobs:
     """Knobs of the CPU schedule.
 
-    m_vecs: 16-wide channel vectors per register tile; p_tile: output pixels per register tile
-    (must divide Ho*Wo); pixel_outer: 0 = channel tiles outer (a tile's weight panel stays in L1 while
-    it sweeps all pixels), 1 = pixel tiles outer (the x panel stays in L1 while weights stream).
+    m_vecs: 16-wide channel vectors per register tile (the tile is 16*m_vecs channels);
+    p_tile: output pixels per register tile (divides Ho*Wo, so the micro-kernel has no predicate);
+    pixel_outer: 0 = channel tiles outer (a tile's weight panel stays in L1 while it sweeps all
+    pixels), 1 = pixel tiles outer (the x panel stays in L1 while the weights stream).
+    Accumulator registers = operands * m_vecs * p_tile (operands: 2 pointwise, 1 depthwise); AVX-512
+    has 32, so keep that <= ~30.
     """
 
     m_vecs: int = 1
@@ -390,76 +399,85 @@ class CudaKnobs:
     per_thread_p: int = 2
 
 
+CUDA_KNOB_CHOICES = {
+    "threads_m": (16, 32, 64),
+    "threads_p": (1, 2, 4, 8),
+    "per_thread_m": (1, 2, 4),
+    "per_thread_p": (1, 2, 4),
+}
+
+
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def llvm_register_tiles(spec: BranchProductSpec, max_registers: int = 30) -> list[tuple[int, int]]:
-    """(m_vecs, p_tile) pairs whose accumulators fit in ``max_registers`` zmm registers.
+def llvm_knob_choices(spec: BranchProductSpec) -> dict[str, list[int]]:
+    """Values each llvm knob may take for ``spec`` (the tuning space is their product).
 
-    Accumulators = operands * m_vecs * p_tile (operands: 2 for pointwise, 1 for depthwise). p_tile must
-    divide Ho*Wo (no predicate in the micro-kernel); m_vecs must divide ceil(M/16).
+    p_tile: divisors of Ho*Wo in [2, 28] (or the largest divisor <= 28 when there is none);
+    m_vecs: 1, 2, 4 where they divide ceil(M/16).
     """
-    operands = 2 if spec.kind == "pointwise" else 1
     blocks = spec.padded_out_channels // WEIGHT_BLOCK
-    tiles = []
-    for m_vecs in (1, 2, 3, 4):
-        if blocks % m_vecs:
-            continue
-        for p_tile in _divisors(spec.out_pixels):
-            acc = operands * m_vecs * p_tile
-            # Keep the tiles that use the register file well (or are the largest possible).
-            if acc <= max_registers and (acc >= max_registers // 2 or p_tile == spec.out_pixels):
-                tiles.append((m_vecs, p_tile))
-    if not tiles:  # tiny shapes: take the largest tile that fits
-        tiles = [
-            (m, p)
-            for m in (1,)
-            for p in _divisors(spec.out_pixels)
-            if operands * m * p <= max_registers
-        ][-1:]
-    return tiles
+    pixels = [d for d in _divisors(spec.out_pixels) if 2 <= d <= 28]
+    if not pixels:
+        pixels = [max(d for d in _divisors(spec.out_pixels) if d <= 28)]
+    return {
+        "m_vecs": [v for v in (1, 2, 4) if blocks % v == 0],
+        "p_tile": pixels,
+        "pixel_outer": [0, 1],
+    }
 
 
-def default_llvm_knobs(spec: BranchProductSpec) -> LlvmKnobs:
-    """Untuned choice: the fullest register tile with one channel vector (best on Sapphire/Emerald Rapids)."""
-    tiles = llvm_register_tiles(spec)
+def default_llvm_knobs(spec: BranchProductSpec, max_registers: int = 30) -> LlvmKnobs:
+    """Untuned choice: the fullest register tile, preferring one channel vector and longer pixel runs."""
+    choices = llvm_knob_choices(spec)
     operands = 2 if spec.kind == "pointwise" else 1
+    tiles = [
+        (m, p) for m in choices["m_vecs"] for p in choices["p_tile"] if operands * m * p <= max_registers
+    ] or [(choices["m_vecs"][0], choices["p_tile"][0])]
     best = max(tiles, key=lambda t: (operands * t[0] * t[1], -t[0]))
     return LlvmKnobs(m_vecs=best[0], p_tile=best[1], pixel_outer=0)
 
 
 # ------------------------------------------------------------------------------ schedules
-def _sample_choice(sch: Schedule, candidates: Sequence[int], chosen: int | None) -> int:
-    """sample_categorical over ``candidates``; with ``chosen`` given, it becomes the decision.
+def _sample(sch: Schedule, candidates: Sequence[int], chosen: int | None, knob: str) -> tuple[Any, int]:
+    """sample_categorical over ``candidates`` -> (ExprRV, value); ``chosen`` fixes the decision.
 
-    Returns the chosen *value*. Recording the choice in the trace is what lets MetaSchedule's search
-    re-sample it and lets :mod:`qlfx.kernels.tuning` read the knobs back from a tuning record.
+    The RV (not the Python int) is what feeds ``split``: only then does the trace link the decision
+    to the loop structure, so that MetaSchedule's mutators/replay actually change the schedule, and the
+    decision survives trace simplification (an unused sample would be dropped from the trace).
     """
     candidates = [int(v) for v in candidates]
+    if chosen is not None and int(chosen) not in candidates:
+        raise ValueError(f"knob {knob}={chosen} is not one of the allowed values {candidates}")
     decision = None if chosen is None else candidates.index(int(chosen))
     rv = sch.sample_categorical(candidates, [1.0 / len(candidates)] * len(candidates), decision=decision)
-    return int(sch.get(rv))
+    return rv, int(sch.get(rv))
 
 
+def _flatten_out_pixels(sch: Schedule, spec: BranchProductSpec, out: Any) -> list[Any]:
+    """Give the epilogue block one pixel iter var p = ho*Wo + wo (instead of fusing the two loops).
 
-
-def _named_inner_loops(sch: Schedule, block: Any, expected: Sequence[tuple[str, int]]) -> dict[str, Any]:
-    """Innermost loops of ``block`` named by ``expected`` [(name, extent), ...] (outer to inner).
-
-    compute_at drops unit loops (t when there is one operand, p when p_tile == 1), so the names are
-    matched against the non-unit extents; a mismatch means the IR is not what this schedule expects.
+    Fusing the loops leaves the block with iter vars ho = f // Wo, wo = f % Wo, and compute_at's region
+    analysis then relaxes them separately: a pixel tile that crosses a row gives the producer a
+    data-dependent ("Sub") extent. With one iter var the accumulator index simplifies to p itself.
     """
-    present = [(name, extent) for name, extent in expected if extent != 1]
-    loops = sch.get_loops(block)[-len(present):] if present else []
-    extents = [int(sch.get(loop).extent) for loop in loops]
-    if extents != [extent for _, extent in present]:
-        raise RuntimeError(f"unexpected loop nest {extents} for {present}: the schedule and the TE definition disagree")
-    return {name: loop for (name, _), loop in zip(present, loops)}
+    wo = spec.out_width
+    sch.transform_block_layout(out, lambda n, m, i, j: (n, m, i * wo + j))
+    return sch.get_loops(out)
 
 
-def schedule_llvm(sch: Schedule, spec: BranchProductSpec, knobs: LlvmKnobs | None = None) -> LlvmKnobs:
-    """Hand schedule for x86 (AVX-512 / AVX2). ``knobs=None`` samples them (MetaSchedule design space).
+def _inner_loops(sch: Schedule, block: Any, names: Sequence[str]) -> dict[str, Any]:
+    """The innermost ``len(names)`` loops of ``block``, named (compute_at keeps unit loops here)."""
+    loops = sch.get_loops(block)[-len(names):]
+    return dict(zip(names, loops))
+
+
+def schedule_llvm(sch: Schedule, spec: BranchProductSpec, knobs: LlvmKnobs | None = None,
+                  pixel_outer: int | None = None) -> LlvmKnobs:
+    """Hand schedule for x86 (AVX-512 / AVX2). ``knobs=None`` samples m_vecs and p_tile (the
+    MetaSchedule design space); ``pixel_outer`` (a loop order, not expressible as a sample) then comes
+    from the argument, default 0.
 
     Loop nest (per parallel task)::
 
@@ -467,31 +485,29 @@ def schedule_llvm(sch: Schedule, spec: BranchProductSpec, knobs: LlvmKnobs | Non
           acc_tile[p_tile, t, 16*m_vecs] = 0               (vectorised)
           for c in Cin:                                    # the micro-kernel, fully unrolled inside
             for p, t, v: acc_tile[p, t, v*16:(v+1)*16] += W_t[block v, c, :] * x[c, p]
-          dw_tile (depthwise)                              (9 taps, vectorised along channels)
+          dw_tile (depthwise)                              (k*k taps, vectorised along channels)
           for m, p (unrolled): out = (acc_a + bias_a) * (acc_b + bias_b)
 
-    Returns the knobs actually used.
+    Returns the knobs used. The out block is annotated ``qlfx.pixel_outer`` so the order can be read
+    back from a tuned PrimFunc.
     """
-    tiles = llvm_register_tiles(spec)
-    if knobs is None:
-        tile_index = _sample_choice(sch, range(len(tiles)), None)
-        pixel_outer = _sample_choice(sch, [0, 1], None)
-    else:
-        if (knobs.m_vecs, knobs.p_tile) not in tiles:
-            raise ValueError(
-                f"register tile (m_vecs={knobs.m_vecs}, p_tile={knobs.p_tile}) is not valid for {spec.name()}; "
-                f"choose one of {tiles}"
-            )
-        tile_index = _sample_choice(sch, range(len(tiles)), tiles.index((knobs.m_vecs, knobs.p_tile)))
-        pixel_outer = _sample_choice(sch, [0, 1], knobs.pixel_outer)
-    m_vecs, p_tile = tiles[tile_index]
-    m_tile = m_vecs * WEIGHT_BLOCK
+    choices = llvm_knob_choices(spec)
+    if knobs is not None:
+        pixel_outer = knobs.pixel_outer
+    pixel_outer = int(pixel_outer or 0)
+    # The sampled value is the channel tile 16*m_vecs itself: split factors must be plain RVs.
+    m_tile_rv, m_tile = _sample(
+        sch, [WEIGHT_BLOCK * v for v in choices["m_vecs"]],
+        None if knobs is None else WEIGHT_BLOCK * knobs.m_vecs, "16*m_vecs",
+    )
+    m_vecs = m_tile // WEIGHT_BLOCK
+    p_rv, p_tile = _sample(sch, choices["p_tile"], None if knobs is None else knobs.p_tile, "p_tile")
 
     out = sch.get_sblock("out")
-    n, m, i, j = sch.get_loops(out)
-    p = sch.fuse(i, j)
-    m_outer, m_inner = sch.split(m, [None, m_tile])
-    p_outer, p_inner = sch.split(p, [None, p_tile])
+    sch.annotate(out, "qlfx.pixel_outer", pixel_outer)
+    n, m, p = _flatten_out_pixels(sch, spec, out)
+    m_outer, m_inner = sch.split(m, [None, m_tile_rv])
+    p_outer, p_inner = sch.split(p, [None, p_rv])
     if pixel_outer:
         sch.reorder(n, p_outer, m_outer, m_inner, p_inner)
         anchor = sch.fuse(n, p_outer, m_outer)
@@ -502,11 +518,10 @@ def schedule_llvm(sch: Schedule, spec: BranchProductSpec, knobs: LlvmKnobs | Non
 
     # GEMM accumulator: computed per tile, in registers.
     acc = sch.get_sblock("acc")
-    sch.compute_at(acc, anchor)
-    operands = 2 if spec.kind == "pointwise" else 1
-    loops = _named_inner_loops(sch, acc, [("p", p_tile), ("t", operands), ("m", m_tile), ("c", spec.in_channels)])
+    sch.compute_at(acc, anchor, preserve_unit_loops=True)
+    loops = _inner_loops(sch, acc, ["n", "p", "t", "m", "c"])
     a_mv, a_lane = sch.split(loops["m"], [None, WEIGHT_BLOCK])
-    order = [loops[k] for k in ("c", "p", "t") if k in loops] + [a_mv, a_lane]
+    order = [loops["c"], loops["n"], loops["p"], loops["t"], a_mv, a_lane]
     sch.reorder(*order)
     for loop in order[1:-1]:
         sch.unroll(loop)
@@ -516,13 +531,18 @@ def schedule_llvm(sch: Schedule, spec: BranchProductSpec, knobs: LlvmKnobs | Non
 
     if spec.kind == "depthwise":
         dw = sch.get_sblock("dw")
-        sch.compute_at(dw, anchor)
-        k = spec.kernel_size_b
-        loops = _named_inner_loops(sch, dw, [("p", p_tile), ("m", m_tile), ("i", k), ("j", k)])
+        sch.compute_at(dw, anchor, preserve_unit_loops=True)
+        loops = _inner_loops(sch, dw, ["n", "p", "m", "i", "j"])
         d_mv, d_lane = sch.split(loops["m"], [None, WEIGHT_BLOCK])
-        sch.reorder(*[loops[n] for n in ("p",) if n in loops], d_mv, *[loops[n] for n in ("i", "j") if n in loops], d_lane)
+        sch.reorder(loops["n"], loops["p"], d_mv, loops["i"], loops["j"], d_lane)
+        mult = spec.depth_multiplier
+        if 1 < mult < WEIGHT_BLOCK and WEIGHT_BLOCK % mult == 0:
+            # Lanes = the `mult` outputs of one input channel: x[m // mult] is then one scalar,
+            # broadcast, instead of a 16-lane gather (which made this stencil cost 2x the GEMM).
+            d_group, d_lane = sch.split(d_lane, [None, mult])
+            sch.unroll(d_group)
         sch.vectorize(d_lane)
-        d_init = sch.decompose_reduction(dw, loops.get("i", loops.get("j", d_lane)))
+        d_init = sch.decompose_reduction(dw, loops["i"])
         sch.vectorize(sch.get_loops(d_init)[-1])
 
     # Epilogue: fully unrolled so every tile access is a constant index (keeps acc in registers).
@@ -531,62 +551,53 @@ def schedule_llvm(sch: Schedule, spec: BranchProductSpec, knobs: LlvmKnobs | Non
     return LlvmKnobs(m_vecs=m_vecs, p_tile=p_tile, pixel_outer=pixel_outer)
 
 
-def cuda_candidate_knobs(spec: BranchProductSpec) -> list[CudaKnobs]:
-    """A small grid of CUDA launch shapes (threads 64..256, <= 8 outputs per thread)."""
-    grid = []
-    for threads_m in (16, 32, 64):
-        for threads_p in (1, 2, 4, 8):
-            for per_m in (1, 2, 4):
-                for per_p in (1, 2):
-                    if 64 <= threads_m * threads_p <= 256 and per_m * per_p <= 8:
-                        grid.append(CudaKnobs(threads_m, threads_p, per_m, per_p))
-    return grid
-
-
 def schedule_cuda(sch: Schedule, spec: BranchProductSpec, knobs: CudaKnobs | None = None) -> CudaKnobs:
-    """GPU schedule: one thread computes per_thread_m x per_thread_p outputs, both operands in
-    registers (``local`` scope), then multiplies them; blocks tile (n, channels, pixels).
+    """GPU schedule: one thread computes per_thread_m x per_thread_p outputs with both operands in
+    registers (``local`` scope) and multiplies them; thread blocks tile (n, channels, pixels).
 
-    Channels are innermost across threads so that consecutive threads read consecutive packed weights.
-    The product is in the same kernel as the reductions (one ``blockIdx``/``threadIdx`` nest).
+    Channels vary fastest across threads, so a warp reads consecutive packed weights; x values are
+    shared by the warp (broadcast loads). The product is in the same kernel as the reduction (one
+    ``blockIdx``/``threadIdx`` nest). ``knobs=None`` samples them (MetaSchedule design space).
     """
-    grid = cuda_candidate_knobs(spec)
-    if knobs is None:
-        knobs = grid[_sample_choice(sch, range(len(grid)), None)]
-    else:
-        _sample_choice(sch, range(len(grid)), grid.index(knobs) if knobs in grid else None) if knobs in grid else None
+    values = {}
+    rvs = {}
+    for name, candidates in CUDA_KNOB_CHOICES.items():
+        rvs[name], values[name] = _sample(sch, candidates, None if knobs is None else getattr(knobs, name), name)
     out = sch.get_sblock("out")
-    n, m, i, j = sch.get_loops(out)
-    p = sch.fuse(i, j)
-    m_block, m_thread, m_inner = sch.split(m, [None, knobs.threads_m, knobs.per_thread_m])
-    p_block, p_thread, p_inner = sch.split(p, [None, knobs.threads_p, knobs.per_thread_p])
-    sch.reorder(n, m_block, p_block, p_thread, m_thread, m_inner, p_inner)
+    n, m, p = _flatten_out_pixels(sch, spec, out)
+    m_block, m_thread, m_inner = sch.split(m, [None, rvs["threads_m"], rvs["per_thread_m"]])
+    p_block, p_thread, p_inner = sch.split(p, [None, rvs["threads_p"], rvs["per_thread_p"]])
+    sch.reorder(n, m_block, p_block, p_thread, m_thread, p_inner, m_inner)
     block = sch.fuse(n, m_block, p_block)
     thread = sch.fuse(p_thread, m_thread)
     sch.bind(block, "blockIdx.x")
     sch.bind(thread, "threadIdx.x")
-    producers = ["acc"] + (["dw"] if spec.kind == "depthwise" else [])
-    for name in producers:
-        blk = sch.get_sblock(name)
-        sch.compute_at(blk, thread)
-        sch.set_scope(blk, 0, "local")
-        loops = sch.get_loops(blk)
-        red = loops[-1] if name == "acc" else loops[-2]
-        inner_spatial = loops[loops.index(thread) + 1 : loops.index(red)]
-        sch.reorder(red, *inner_spatial) if name == "acc" else None
-        sch.decompose_reduction(blk, red if name == "dw" else sch.get_loops(blk)[loops.index(thread) + 1])
-        for loop in inner_spatial:
+
+    acc = sch.get_sblock("acc")
+    # compute_at with preserve_unit_loops keeps the loop nest's shape independent of the knob values
+    # (a per-thread extent of 1 would otherwise drop a loop), so re-sampled traces replay cleanly.
+    sch.compute_at(acc, thread, preserve_unit_loops=True)
+    sch.set_scope(acc, 0, "local")
+    loops = _inner_loops(sch, acc, ["n", "p", "t", "m", "c"])
+    spatial = [loops[k] for k in ("n", "p", "t", "m")]
+    sch.reorder(loops["c"], *spatial)
+    for loop in spatial:
+        sch.unroll(loop)
+    sch.decompose_reduction(acc, loops["c"])
+    if spec.kind == "depthwise":
+        dw = sch.get_sblock("dw")
+        sch.compute_at(dw, thread, preserve_unit_loops=True)
+        sch.set_scope(dw, 0, "local")
+        loops = _inner_loops(sch, dw, ["n", "p", "m", "i", "j"])
+        for loop in loops.values():
             sch.unroll(loop)
+        sch.decompose_reduction(dw, loops["i"])
     sch.unroll(m_inner)
     sch.unroll(p_inner)
-    return knobs
+    return CudaKnobs(**values)
 
 
 # ------------------------------------------------------------------------------ build helpers
-def _target_kind(target: Any) -> str:
-    return tvm.target.Target(target).kind.name if not isinstance(target, tvm.target.Target) else target.kind.name
-
-
 def host_llvm_target(num_cores: int = 2) -> tvm.target.Target:
     """llvm target for this machine's CPU (``mcpu`` = LLVM's host CPU name, so AVX-512 is used when present)."""
     mcpu = tvm.target.codegen.llvm_get_system_cpu()

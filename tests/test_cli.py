@@ -1,0 +1,240 @@
+"""The ``qlfx`` command end to end: ``qlfx.cli.main([...])`` in process, plus real subprocesses."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
+from qlfx import ir
+from qlfx.cli import EXIT_INTERNAL, EXIT_NOT_EQUIVALENT, EXIT_OK, EXIT_USAGE, main
+from qlfx.pass_manager import Pass, PassResult, register_pass
+
+BLOCKS = str(Path(__file__).with_name("blocks.py"))
+MODEL = [f"{BLOCKS}:small_convnet", "--input-shape", "1,3,8,8"]
+
+
+@register_pass
+class NegatesSecondBias(Pass):
+    """Deliberately wrong: negates the bias of the second conv that has one (after fold-bn every conv has)."""
+
+    name = "test-cli-negates-second-bias"
+    description = "test pass: flips the sign of one conv bias"
+    contract = "equivalent"
+
+    def run(self, gm, ctx):
+        result = PassResult(False)
+        seen = 0
+        for n in list(gm.graph.nodes):
+            conv = ir.ConvCall.of(n)
+            if conv is None or conv.bias is None or not ctx.allow_rewrite():
+                continue
+            seen += 1
+            if seen == 2:
+                with gm.graph.inserting_before(n):
+                    conv.set_args(bias=ir.constant_node(gm, -ir.get_tensor(gm, conv.bias), f"{n.name}_neg"))
+                result.changed = True
+            result.rewrites.append(n.name)
+        return result
+
+
+@register_pass
+class Crashes(Pass):
+    name = "test-cli-crashes"
+    description = "test pass: raises"
+    contract = "exact"
+
+    def run(self, gm, ctx):
+        raise RuntimeError("pass bug")
+
+
+def _second_biased_conv() -> str:
+    import qlfx
+    from blocks import small_convnet
+    import torch
+
+    gm = qlfx.compile(small_convnet(), "fold-bn", (torch.randn(1, 3, 8, 8),)).graph_module
+    return [n.name for n in gm.graph.nodes if ir.ConvCall.of(n) and ir.ConvCall.of(n).bias is not None][1]
+
+
+def test_passes_and_models(capsys):
+    assert main(["passes"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "fold-bn" in out and "equivalent" in out
+    assert main(["models"]) == EXIT_OK
+    assert "qlnet-tiny" in capsys.readouterr().out
+
+
+def test_help_documents_exit_codes(capsys):
+    assert main(["--help"]) == EXIT_OK
+    out = capsys.readouterr().out
+    for code in ("0  every check held", "1  a pass broke", "2  bad usage", "3  internal error"):
+        assert code in out
+    assert main(["run", "--help"]) == EXIT_OK
+    assert "--bisect" in capsys.readouterr().out
+
+
+def test_run_ok_with_print_and_dump(tmp_path, capsys):
+    dump = tmp_path / "dump"
+    rc = main(["run", *MODEL, "--print-after", "fold-bn", "--print-changed", "--dump-dir", str(dump)])
+    out = capsys.readouterr().out
+    assert rc == EXIT_OK
+    assert "# *** IR after fold-bn ***" in out and "# *** fold-bn changed the IR ***" in out
+    assert "-    stem_1 = torch.nn.functional.batch_norm" in out  # the diff removes the stem BN
+    names = sorted(p.name for p in dump.iterdir())
+    for stem in ("000_input", "001_fold-bn", "002_constant-fold", "003_dce"):
+        assert f"{stem}.py" in names and f"{stem}.dot" in names
+    assert "def forward" in (dump / "001_fold-bn.py").read_text()
+    # diff of two dumped stages
+    assert main(["diff", str(dump / "000_input.py"), str(dump / "001_fold-bn.py")]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "removed: stem_1," in out and "added: stem_0_weight_bn" in out and "changed: stem_0, stem_2" in out
+    assert re.search(r" <$", out, re.M) and " | " in out  # side by side: lines only in A, changed lines
+    assert main(["diff", "-u", str(dump / "001_fold-bn.py"), str(dump / "003_dce.py")]) == EXIT_OK
+    assert "@@" in capsys.readouterr().out
+    assert main(["diff", str(dump / "001_fold-bn.py"), str(dump / "001_fold-bn.py")]) == EXIT_OK
+    assert "same graph" in capsys.readouterr().out
+    assert main(["diff", str(dump / "009_nope.py"), str(dump / "001_fold-bn.py")]) == EXIT_USAGE
+    assert "Stages in" in capsys.readouterr().err
+
+
+def test_broken_pass_exits_1_naming_pass_and_node(capsys):
+    rc = main(["run", *MODEL, "--passes", "fold-bn,test-cli-negates-second-bias,dce"])
+    err = capsys.readouterr().err
+    assert rc == EXIT_NOT_EQUIVALENT
+    assert "pass 'test-cli-negates-second-bias' broke equivalence" in err
+    assert f"first diverging node: %{_second_biased_conv()}" in err
+
+
+def test_bisect_cli(capsys):
+    rc = main(["run", *MODEL, "--passes", "fold-bn,test-cli-negates-second-bias,dce", "--bisect"])
+    out = capsys.readouterr().out
+    assert rc == EXIT_NOT_EQUIVALENT
+    assert "first bad pass: #2 'test-cli-negates-second-bias'" in out
+    assert f"first bad rewrite: #2 of" in out and _second_biased_conv() in out
+    assert main(["run", *MODEL, "--bisect"]) == EXIT_OK
+    assert "no pass broke equivalence" in capsys.readouterr().out
+
+
+def test_report_and_svg(tmp_path, capsys):
+    rc = main(["run", *MODEL, "--report", str(tmp_path / "r.html"), "--svg-dir", str(tmp_path / "svg")])
+    assert rc == EXIT_OK
+    html = (tmp_path / "r.html").read_text()
+    assert "fold-bn" in html and "MACs" in html
+    assert len(list((tmp_path / "svg").iterdir())) == 4
+    # also written when a pass fails, marking it
+    rc = main(["run", *MODEL, "--passes", "fold-bn,test-cli-negates-second-bias", "--report", str(tmp_path / "bad.md")])
+    assert rc == EXIT_NOT_EQUIVALENT
+    assert "FAILED" in (tmp_path / "bad.md").read_text()
+    assert main(["run", *MODEL, "--report", str(tmp_path / "r.txt")]) == EXIT_USAGE
+    assert ".html or .md" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "qlnet-tni"], "Did you mean 'qlnet-tiny'"),
+    (["run", *MODEL, "--passes", "fold-bm"], "Did you mean 'fold-bn'"),
+    (["run", f"{BLOCKS}:small_convnet"], "--input-shape is required"),
+    (["run", f"{BLOCKS}:small_convnet", "--input-shape", "1,4,8,8"], "fails on the example inputs"),
+    (["run", f"{BLOCKS}:small_convnet", "--input-shape", "1,-3,8,8"], "bad --input-shape"),
+    (["run", *MODEL, "--emit", "onnx"], "--emit needs -o"),
+    (["run", *MODEL, "--load", "no/such/passes.py"], "does not exist"),
+    (["run"], ""),
+    (["frobnicate"], ""),
+])
+def test_usage_errors_exit_2(argv, message, capsys):
+    assert main(argv) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_unwritable_output_leaves_nothing(tmp_path, capsys):
+    # a folder that cannot be created (even by root)
+    assert main(["run", *MODEL, "--emit", "onnx", "-o", "/proc/qlfx-test/m.onnx"]) == EXIT_USAGE
+    assert "cannot create output folder" in capsys.readouterr().err
+    (tmp_path / "adir").mkdir()
+    assert main(["run", *MODEL, "--emit", "onnx", "-o", str(tmp_path / "adir")]) == EXIT_USAGE
+    assert "is a folder" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["run", *MODEL, "--json", str(blocker / "sub" / "r.json")]) == EXIT_USAGE
+    assert "cannot create output folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "file"]
+    assert list((tmp_path / "adir").iterdir()) == []
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root may write read-only folders
+            rc = main(["run", *MODEL, "--emit", "onnx", "-o", str(locked / "m.onnx")])
+            assert rc == EXIT_USAGE and "not writable" in capsys.readouterr().err
+            assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o700)
+
+
+def test_internal_error_exits_3(capsys):
+    assert main(["run", *MODEL, "--passes", "test-cli-crashes"]) == EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert "pass bug" in err and "internal error" in err
+
+
+def test_compare_cli(tmp_path, capsys):
+    try:
+        import qlfx.emit.onnx  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"ONNX emitter not available: {err}")
+    path = tmp_path / "m.onnx"
+    assert main(["run", *MODEL, "--emit", "onnx", "-o", str(path)]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["compare", *MODEL, str(path)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "PASS output 0" in out and "smallest relative tolerance" in out
+    assert main(["compare", *MODEL, str(path), "--tolerance", "0"]) in (EXIT_OK, EXIT_NOT_EQUIVALENT)
+    assert main(["compare", *MODEL, str(tmp_path / "nope.onnx")]) == EXIT_USAGE
+
+
+def test_symmetry_cli(capsys):
+    try:
+        from qlfx.symmetry import analyze, format_report  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"qlfx.symmetry has no analyze/format_report: {err}")
+    assert main(["symmetry", *MODEL]) == EXIT_OK
+    assert capsys.readouterr().out.strip()
+
+
+def _qlfx(*args, timeout=300):
+    exe = Path(sys.executable).with_name("qlfx")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "qlfx.cli"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # small model: one thread is faster, and fair to a loaded machine
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_subprocess_run_qlnet_tiny():
+    done = _qlfx("run", "qlnet-tiny")
+    assert done.returncode == EXIT_OK, done.stderr
+    assert "fold-bn" in done.stdout and "dce" in done.stdout
+
+
+def test_subprocess_loaded_broken_pass_exits_1(tmp_path):
+    plugin = tmp_path / "my_passes.py"
+    plugin.write_text(
+        "from qlfx import ir\n"
+        "from qlfx.pass_manager import Pass, PassResult, register_pass\n"
+        "@register_pass\n"
+        "class DropsFirstBias(Pass):\n"
+        "    name = 'plugin-drops-first-bias'\n"
+        "    description = 'wrong on purpose'\n"
+        "    contract = 'equivalent'\n"
+        "    def run(self, gm, ctx):\n"
+        "        for n in gm.graph.nodes:\n"
+        "            c = ir.ConvCall.of(n)\n"
+        "            if c is not None and c.bias is not None:\n"
+        "                c.set_args(bias=None)\n"
+        "                return PassResult(True, [n.name])\n"
+        "        return PassResult(False)\n")
+    done = _qlfx("run", *MODEL, "--load", str(plugin), "--passes", "fold-bn,plugin-drops-first-bias")
+    assert done.returncode == EXIT_NOT_EQUIVALENT, done.stderr
+    assert "plugin-drops-first-bias" in done.stderr and "first diverging node: %stem_0" in done.stderr

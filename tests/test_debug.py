@@ -1,0 +1,203 @@
+"""qlfx.debug: bisection to the first bad pass and rewrite site, stage diffs, MAC counts, reports,
+artifact comparison."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qlfx
+from blocks import ConvNet, randomize
+from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
+from qlfx import debug, ir
+from qlfx.errors import UsageError
+from qlfx.pass_manager import Pass, PassResult, register_pass
+
+
+@register_pass
+class ScalesNthConv(Pass):
+    """A deliberately wrong pass: rewrites every conv (copies its weight), but the ``bad``-th copy
+    is scaled by 1.5. Counts its sites with ctx.allow_rewrite() like a real pass."""
+
+    name = "test-debug-scales-nth-conv"
+    description = "test pass: scales the n-th conv's weight (a silent-wrong bug)"
+    contract = "equivalent"
+    option_defaults = {"bad": 3}
+
+    def run(self, gm, ctx):
+        result = PassResult(False)
+        k = 0
+        for n in list(gm.graph.nodes):
+            conv = ir.ConvCall.of(n)
+            if conv is None or not ctx.allow_rewrite():
+                continue
+            k += 1
+            w = ir.get_tensor(gm, conv.weight)
+            with gm.graph.inserting_before(n):
+                conv.set_args(weight=ir.constant_node(gm, w * (1.5 if k == self.options["bad"] else 1.0), f"{n.name}_w"))
+            result.changed = True
+            result.rewrites.append(n.name)
+        return result
+
+
+SMALL_NET = [("bottleneck", 8, 1, "relu"), ("repvgg", 8, 2, "relu"), ("dwsep_se", 8, 1, "relu"),
+             ("inverted_residual", 8, 1, "hardswish")]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small ConvNet (16 convs, 8x8 input): bisection runs the graph a dozen times."""
+    return randomize(ConvNet(SMALL_NET, stem=8), seed=3), (torch.randn(1, 3, 8, 8),)
+
+
+def test_bisect_finds_pass_and_rewrite_site(tiny):
+    model, x = tiny
+    found = debug.bisect(model, "fold-bn,constant-fold,test-debug-scales-nth-conv<bad=5>,dce", x)
+    assert found.found
+    assert (found.pass_name, found.pass_index) == ("test-debug-scales-nth-conv", 3)
+    convs = [n.name for n in qlfx.compile(model, "fold-bn", x).graph_module.graph.nodes if ir.ConvCall.of(n)]
+    assert found.rewrite_index == 5 and found.site == convs[4]
+    assert found.rewrites_total == len(convs)
+    assert found.divergence is not None and found.divergence.node == convs[4]
+    # log2 searches, not a linear scan: 3 pass-count probes + ~log2(16)+2 rewrite probes
+    assert found.runs <= 12
+    text = str(found)
+    assert "test-debug-scales-nth-conv" in text and convs[4] in text
+
+
+def test_bisect_first_site(tiny):
+    model, x = tiny
+    found = debug.bisect(model, ["test-debug-scales-nth-conv<bad=1>"], x)
+    assert (found.pass_index, found.rewrite_index) == (1, 1)
+
+
+def test_bisect_reports_nothing_when_all_passes_hold(tiny):
+    model, x = tiny
+    found = debug.bisect(model, qlfx.DEFAULT_PIPELINE, x)
+    assert not found.found and found.pass_name is None
+    assert "no pass broke" in str(found)
+
+
+def test_bisect_pass_that_raises(tiny):
+    @register_pass
+    class Raises(Pass):
+        name = "test-debug-raises"
+        description = "test pass: raises"
+        contract = "exact"
+
+        def run(self, gm, ctx):
+            raise RuntimeError("boom")
+
+    model, x = tiny
+    found = debug.bisect(model, "fold-bn,test-debug-raises,dce", x)
+    assert found.pass_name == "test-debug-raises" and "boom" in found.error
+
+
+def test_count_macs_from_shapes():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=4),
+                          nn.Flatten(), nn.Linear(8 * 5 * 5, 10)).eval()
+    gm = qlfx.trace(model, (torch.randn(2, 3, 5, 5),))
+    expected = 2 * 8 * 25 * 3 * 9 + 2 * 8 * 25 * 2 * 9 + 2 * 10 * 200
+    assert debug.count_macs(gm) == expected
+
+
+def test_diff_stages_lists_nodes(tmp_path, tiny):
+    model, x = tiny
+    from qlfx.instruments import DumpDir
+
+    qlfx.compile(model, "fold-bn,dce", x, instruments=[DumpDir(tmp_path, pictures=False)])
+    d = debug.diff_stages(tmp_path / "000_input.py", tmp_path / "001_fold-bn.py")
+    assert "stem_1" in d.removed and "stem_0_weight_bn" in d.added and "stem_2" in d.changed
+    assert "-    stem_1 = torch.nn.functional.batch_norm" in d.unified
+    assert "|" in d.side_by_side or "<" in d.side_by_side
+    same = debug.diff_stages(tmp_path / "001_fold-bn.py", tmp_path / "001_fold-bn.py")
+    assert same.identical
+    with pytest.raises(UsageError, match="000_input.py"):
+        debug.diff_stages(tmp_path / "000_inptu.py", tmp_path / "001_fold-bn.py")
+
+
+@pytest.mark.parametrize("suffix", [".html", ".md"])
+def test_report_has_every_pass(tmp_path, tiny, suffix):
+    model, x = tiny
+    collector = debug.ReportCollector()
+    compiled = qlfx.compile(model, "fold-bn,constant-fold,dce", x, instruments=[collector])
+    debug.adopt_report_times(collector, compiled.report)
+    path = debug.write_report(tmp_path / f"r{suffix}", collector)
+    text = path.read_text()
+    for name in ("fold-bn", "constant-fold", "dce", "equivalent", "exact", "MACs", "stem_1"):
+        assert name in text
+    assert f"{debug.count_macs(compiled.graph_module):,}" in text
+    if collector.svg_problem is None:
+        assert ("<svg" in text) if suffix == ".html" else (tmp_path / "r_svg" / "001_fold-bn.svg").is_file()
+    with pytest.raises(UsageError, match=r"\.html or \.md"):
+        debug.write_report(tmp_path / "r.txt", collector)
+
+
+def test_report_marks_the_failing_pass(tmp_path, tiny):
+    model, x = tiny
+    collector = debug.ReportCollector(pictures=False)
+    with pytest.raises(qlfx.EquivalenceError) as info:
+        qlfx.compile(model, "fold-bn,test-debug-scales-nth-conv", x, instruments=[collector])
+    path = debug.write_report(tmp_path / "r.md", collector, error=str(info.value))
+    text = path.read_text()
+    assert "FAILED" in text and "broke equivalence" in text and collector.stages[-1].failed
+
+
+def test_svg_dir(tmp_path, tiny):
+    model, x = tiny
+    svg = debug.SvgDir(tmp_path / "pics")
+    qlfx.compile(model, "fold-bn,dce", x, instruments=[svg])
+    names = sorted(p.name for p in svg.written)
+    if svg.problem:
+        assert names == ["000_input.dot", "001_fold-bn.dot", "002_dce.dot"] and "graphviz" in svg.problem
+    else:
+        assert names == ["000_input.svg", "001_fold-bn.svg", "002_dce.svg"]
+        assert "#ffb347" in (tmp_path / "pics" / "001_fold-bn.svg").read_text()  # fold-bn's nodes highlighted
+
+
+def _onnx_or_skip():
+    try:
+        from qlfx.emit.onnx import export_onnx  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"ONNX emitter not available: {err}")
+
+
+def test_compare_onnx_artifact(tmp_path):
+    _onnx_or_skip()
+    net = randomize(ConvNet([("bottleneck", 8, 2, "relu")], stem=4), seed=2)
+    x = torch.randn(1, 3, 12, 12)
+    path = qlfx.compile(net, qlfx.DEFAULT_PIPELINE, (x,)).to_onnx(tmp_path / "m.onnx")
+    good = debug.compare_artifact(net, path, (x,))
+    assert good.passed and good.engine == "onnxruntime" and good.needed < 1e-4
+    assert "smallest relative tolerance" in str(good)
+    # A different model against the same artifact: fails, and says which tolerance would pass.
+    other = randomize(ConvNet([("bottleneck", 8, 2, "relu")], stem=4), seed=3)
+    bad = debug.compare_artifact(other, path, (x,))
+    assert not bad.passed and bad.needed > 1e-3
+    with pytest.raises(UsageError, match="input shape"):
+        debug.compare_artifact(net, path, (torch.randn(1, 3, 14, 13),))
+
+
+def test_compare_errors(tmp_path):
+    net = nn.Conv2d(3, 3, 1).eval()
+    with pytest.raises(UsageError, match="does not exist"):
+        debug.compare_artifact(net, tmp_path / "missing.onnx", (torch.randn(1, 3, 4, 4),))
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(UsageError, match="cannot load"):
+        debug.compare_artifact(net, tmp_path / "junk.onnx", (torch.randn(1, 3, 4, 4),))
+    (tmp_path / "m.pt").write_bytes(b"")
+    with pytest.raises(UsageError, match="unknown artifact type"):
+        debug.compare_artifact(net, tmp_path / "m.pt", (torch.randn(1, 3, 4, 4),))
+
+
+@pytest.mark.slow  # a TVM build: ~7-20 s
+def test_compare_tvm_artifact(tmp_path):
+    try:
+        from qlfx.emit.tvm import build_tvm  # noqa: F401
+    except ImportError as err:
+        pytest.skip(f"TVM emitter not available: {err}")
+    net = randomize(ConvNet([("repvgg", 8, 2, "relu")], stem=4), seed=2)
+    x = torch.randn(1, 3, 8, 8)
+    path = qlfx.compile(net, qlfx.DEFAULT_PIPELINE, (x,)).to_tvm("llvm", progress=False).export(tmp_path / "m.so")
+    result = debug.compare_artifact(net, path, (x,), count=2)
+    assert result.engine == "tvm" and result.passed, str(result)
