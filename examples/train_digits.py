@@ -10,7 +10,7 @@ layout is written to ``--out`` (default ``examples/out/``):
 so ``examples/compress_digits.py`` evaluates on the same test images. Runs in a few minutes on
 2 CPU cores (``torch.set_num_threads(2)``).
 
-    python examples/train_digits.py [--out examples/out] [--epochs 40] [--arch both|qlnet|eq3]
+    python examples/train_digits.py [--out examples/out] [--epochs 8] [--threads 2] [--arch both|qlnet|eq3]
 """
 from __future__ import annotations
 
@@ -115,12 +115,13 @@ def _augment(x: torch.Tensor, generator: torch.Generator, shift: int = 2) -> tor
     return padded[:, 0][batch_index, rows[:, :, None], cols[:, None, :]][:, None]
 
 
-def train(config: dict, data: dict, epochs: int = 40, batch_size: int = 64, lr: float = 3e-3,
+def train(config: dict, data: dict, epochs: int = 8, batch_size: int = 128, lr: float = 4e-3,
           weight_decay: float = 5e-4, seed: int = 0, log=print) -> tuple[nn.Module, float]:
     """Train with AdamW + cosine schedule + label smoothing; returns (model, seconds)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = build_model(config)
+    # channels_last: oneDNN's convs are ~2x faster in NHWC for these tiny layers (measured on 2 cores)
+    model = build_model(config).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     x, y = data["x_train"], data["y_train"]
     steps_per_epoch = math.ceil(len(y) / batch_size)
@@ -135,24 +136,27 @@ def train(config: dict, data: dict, epochs: int = 40, batch_size: int = 64, lr: 
             idx = order[i:i + batch_size]
             if len(idx) < 2:  # batchnorm needs more than one sample
                 continue
-            loss = F.cross_entropy(model(_augment(x[idx], generator)), y[idx], label_smoothing=0.05)
+            images = _augment(x[idx], generator).contiguous(memory_format=torch.channels_last)
+            loss = F.cross_entropy(model(images), y[idx], label_smoothing=0.05)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
-            total += float(loss) * len(idx)
-        if (epoch + 1) % 10 == 0 or epoch == epochs - 1:
+            total += float(loss.detach()) * len(idx)
+        if (epoch + 1) % 2 == 0 or epoch == epochs - 1:
             log(f"  [{config['arch']}] epoch {epoch + 1:3d}/{epochs}  loss {total / len(y):.4f}  "
                 f"test acc {accuracy(model, data['x_test'], data['y_test']):.2f}%  "
                 f"({time.perf_counter() - start:.0f} s)")
-    return model.eval(), time.perf_counter() - start
+    model = model.to(memory_format=torch.contiguous_format).eval()
+    return model, time.perf_counter() - start
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "out"),
                         help="folder for the checkpoints (default: examples/out)")
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--arch", choices=("both", "qlnet", "eq3"), default="both")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -165,7 +169,7 @@ def main(argv=None) -> None:
     archs = ("qlnet", "eq3") if args.arch == "both" else (args.arch,)
     for arch in archs:
         config = CONFIGS[arch]
-        model, seconds = train(config, data, epochs=args.epochs, seed=args.seed)
+        model, seconds = train(config, data, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
         acc = accuracy(model, data["x_test"], data["y_test"])
         params = sum(p.numel() for p in model.parameters())
         path = out / f"digits_{arch}.pt"

@@ -1,2 +1,12 @@
 """qlfx's passes, one per module. Importing this package registers them all."""
-from . import basis_change, constant_fold, dce, fold_bn, fuse_product, merge_parallel, rebalance  # noqa: F401
+from . import (  # noqa: F401
+    basis_change,
+    constant_fold,
+    dce,
+    fold_bn,
+    fuse_product,
+    merge_parallel,
+    rebalance,
+    slice,
+    sparsify,
+)

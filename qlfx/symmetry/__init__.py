@@ -12,6 +12,7 @@ from .groups import (Element, Group, Monomial, as_element, block_diag, element_e
                      is_member, is_subgroup, join, kron_identity, lie_dimension, meet, random_element,
                      random_orthogonal, random_permutation, random_scaling, to_dense)
 from .spaces import ChannelSpace, ProductConstraint, Segment, SymmetryReport, analyze, format_report
+from .optimize import l1_of_weights, minimize_l1
 
 __all__ = [
     "analyze", "format_report", "SymmetryReport", "ChannelSpace", "Segment", "ProductConstraint",
@@ -19,4 +20,5 @@ __all__ = [
     "Group", "meet", "join", "is_subgroup", "lie_dimension", "Monomial", "Element", "as_element", "to_dense",
     "inverse", "kron_identity", "block_diag", "element_equal", "identity_element", "is_member",
     "random_element", "random_orthogonal", "random_permutation", "random_scaling",
+    "minimize_l1", "l1_of_weights",
 ]

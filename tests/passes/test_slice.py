@@ -1,0 +1,203 @@
+"""slice: PCA rotation + deletion of stream directions within a relative output-error budget."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import qlfx
+import qlfx.passes.slice  # noqa: F401  (registers the pass before passes/__init__ lists it)
+from qlfx import ir
+from qlfx.errors import UsageError
+from qlfx.models import Hardball, Softball, create_model, randomize_batchnorm
+from qlfx.passes.slice import count_macs
+
+
+class CorrelatedStream(nn.Module):
+    """x (4 ch) -> 1x1 conv to a 16-channel stream -> hardball -> 1x1 conv to 5 outputs.
+
+    The stream's weight is rank 3 plus a little noise and every channel has about the same norm: the
+    stream lives in a 3-dimensional subspace that no single channel aligns with. Rotating to the
+    principal axes makes 13 directions nearly empty; deleting channels as they are cannot."""
+
+    def __init__(self, radius=None, act=Hardball):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        self.conv_in = nn.Conv2d(4, 16, 1)
+        self.act = act(radius)
+        self.conv_out = nn.Conv2d(16, 5, 1)
+        with torch.no_grad():
+            low_rank = torch.randn(16, 3, generator=gen) @ torch.randn(3, 4, generator=gen)
+            low_rank += 0.01 * torch.randn(16, 4, generator=gen)
+            self.conv_in.weight.copy_(low_rank[:, :, None, None])
+            self.conv_in.bias.zero_()
+            self.conv_out.weight.copy_(torch.randn(5, 16, 1, 1, generator=gen) * 0.3)
+
+    def forward(self, x):
+        return self.conv_out(self.act(self.conv_in(x)))
+
+
+def _calibration(shape=(64, 4, 6, 6), seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _slice(model, options: str, calibration, example_batch=8, **kw):
+    example = (calibration[:example_batch],)
+    c = qlfx.compile(model, f"slice<{options}>", example_inputs=example, calibration=calibration, **kw)
+    return c, next(r for r in c.report.rows if r.pass_name == "slice")
+
+
+def _error(ref_model, gm, x) -> float:
+    with torch.no_grad():
+        ref, new = ref_model(x), gm(x)
+    return float((new - ref).abs().max() / ref.abs().max())
+
+
+def test_pca_beats_magnitude_pruning_on_correlated_channels():
+    model = CorrelatedStream(radius=3.0).eval()
+    cal = _calibration()
+    pca, pca_row = _slice(model, "budget=0.01;random_inputs=0", cal, verify_inputs=0)
+    mag, mag_row = _slice(model, "budget=0.01;method=magnitude;random_inputs=0", cal, verify_inputs=0)
+    (sid,) = pca_row.result.stats["keep"]
+    assert pca_row.result.stats["keep"][sid] <= 4  # the rank-3 stream keeps ~3 directions
+    assert mag_row.result.stats["keep"][sid] >= 12  # every single channel matters
+    assert pca_row.result.stats["macs_after"] < mag_row.result.stats["macs_after"]
+    # at equal channel count, the rotation loses far less
+    k = pca_row.result.stats["keep"][sid]
+    mag_eq, _ = _slice(model, f"budget=1e30;method=magnitude;keep={sid}:{k};random_inputs=0", cal, verify_inputs=0)
+    held_out = _calibration(seed=9)
+    assert _error(model, pca.graph_module, held_out) < 0.1 * _error(model, mag_eq.graph_module, held_out)
+    assert count_macs(mag_eq.graph_module) == count_macs(pca.graph_module)
+
+
+def test_slice_respects_budget_and_shrinks_channels_on_zoo_model():
+    model = randomize_batchnorm(create_model("qlnet-tiny"), seed=5).eval()
+    cal = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    budget = 0.05
+    folded = qlfx.compile(model, "fold-bn,dce", example_inputs=(cal[:8],)).graph_module
+    c, row = _slice(folded, f"budget={budget};granularity=0.25", cal)  # default: also 2 random inputs, as verified
+    stats = row.result.stats
+    assert stats["error"] <= budget
+    assert row.check.passed and row.check.needed <= budget  # the manager's own check on calibration + random
+    shrunk = [sid for sid, k in stats["keep"].items() if k < stats["spaces"][sid]["size"]]
+    assert shrunk, stats["keep"]
+    assert stats["macs_after"] < stats["macs_before"]
+    assert count_macs(c.graph_module) == stats["macs_after"]
+    # the stream convs really lost channels
+    widths = {n.name: ir.shape(n)[1] for n in c.graph_module.graph.nodes if ir.shape(n) and len(ir.shape(n)) == 4}
+    assert any(widths[name] < 64 for name in widths if "layer4_0_conv3" in name or "layer4_0_skip" in name) or \
+        any(stats["keep"][sid] < stats["spaces"][sid]["size"] for sid in shrunk)
+    # the error the pass reports is the error on its calibration data
+    batches = [(cal[i:i + 8],) for i in range(0, 16, 8)]
+    worst = max(_error(folded, c.graph_module, b[0]) for b in batches)
+    assert worst <= budget
+
+
+def test_radius_is_kept_at_its_original_value():
+    model = CorrelatedStream(radius=None, act=Softball).eval()  # default radius sqrt(C) = 4
+    cal = _calibration()
+    c, row = _slice(model, "budget=0.02;random_inputs=0", cal, verify_inputs=0)
+    (sid, kept), = row.result.stats["keep"].items()
+    assert kept < 16
+    gm = c.graph_module
+    radial = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    assert all(isinstance(m, Softball) for m in radial)
+    assert radial and all(m.radius == pytest.approx(math.sqrt(16)) for m in radial)
+
+
+def test_keep_option_sets_exact_channel_counts_for_both_methods():
+    model = CorrelatedStream(radius=3.0).eval()
+    cal = _calibration()
+    gm = qlfx.compile(model, "dce", example_inputs=(cal[:8],)).graph_module
+    from qlfx.symmetry import analyze
+
+    sid = next(s.id for s in analyze(gm).spaces if s.group.value == "O")
+    for method in ("pca", "magnitude"):
+        c, row = _slice(gm, f"budget=1e30;method={method};keep={sid}:5;random_inputs=0", cal, verify_inputs=0)
+        assert row.result.stats["keep"] == {sid: 5}
+        convs = [n for n in c.graph_module.graph.nodes if n.target is torch.conv2d]
+        assert [ir.shape(n)[1] for n in convs] == [5, 5]  # conv_in writes 5 channels, conv_out still 5 outputs
+        assert ir.get_tensor(c.graph_module, convs[1].args[1]).shape[1] == 5
+
+
+def test_slice_needs_calibration():
+    model = CorrelatedStream(radius=3.0).eval()
+    with pytest.raises(UsageError, match="calibration"):
+        qlfx.compile(model, "slice<budget=0.01>", example_inputs=(torch.randn(2, 4, 6, 6),))
+
+
+def test_deleting_tied_product_channels_equals_zeroing_them():
+    """A PDEBlock's hidden unit (z1, z2, p = z1 * z2, y = dw(p)) loses channel j everywhere at once;
+    the sliced graph must compute exactly what the original computes with conv1's rows j and W + j
+    zeroed (then z1_j = z2_j = 0, p_j = 0, and y's channels 2j, 2j+1 carry only the dw bias, zeroed too)."""
+    model = randomize_batchnorm(create_model("qlnet-tiny"), seed=11).eval()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    folded = qlfx.compile(model, "fold-bn,dce", example_inputs=(x[:4],)).graph_module
+    folded = qlfx.compile(folded, "dce", example_inputs=(x[:4],)).graph_module  # node names stable under retrace
+    from qlfx.symmetry import analyze
+
+    report = analyze(folded)
+    # the last block's hidden unit: the tie class of its product p = z1 * z2
+    product = [n for n in folded.graph.nodes if report.node_kinds.get(n.name) == "product"][-1]
+    conv1_name = product.args[0].args[0].name
+    dw_name = next(iter(product.users)).name
+    tie = report.spaces[report.spaces_of(product.name)[0]].tie
+    uid = min(sid for sid, _ in report.ties[tie])
+    base = min(report.spaces[sid].size // m for sid, m in report.ties[tie])
+    c, row = _slice(folded, f"budget=1e30;method=magnitude;keep={uid}:{base - 5};random_inputs=0;compensate=false", x, example_batch=4,
+                    verify_inputs=0)
+    dropped = row.result.stats["dropped"][uid]
+    assert len(dropped) == 5
+    gm = c.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert ir.shape(nodes[conv1_name])[1] == 2 * (base - 5)
+    assert ir.ConvCall.of(nodes[dw_name]).groups == base - 5
+    # reference: the original graph with those channels zeroed where they are produced
+    ref = ir.copy_graph_module(folded)
+    rnodes = {n.name: n for n in ref.graph.nodes}
+    with torch.no_grad():
+        conv1 = ir.ConvCall.of(rnodes[conv1_name])
+        rows = torch.tensor(dropped + [j + base for j in dropped])
+        ir.get_tensor(ref, conv1.weight)[rows] = 0
+        if conv1.bias is not None:
+            ir.get_tensor(ref, conv1.bias)[rows] = 0
+        dw = ir.ConvCall.of(rnodes[dw_name])
+        k = ir.shape(dw.node)[1] // base
+        outs = torch.tensor([j * k + r for j in dropped for r in range(k)])
+        if dw.bias is not None:
+            ir.get_tensor(ref, dw.bias)[outs] = 0
+        expected, got = ref(x), gm(x)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert not torch.allclose(got, folded(x), rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
+class ReluStream(nn.Module):
+    """conv 1x1 (4 -> 8, positive biases) -> ReLU -> conv 1x1 (8 -> 3): channels with large means."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(3)
+        self.a = nn.Conv2d(4, 8, 1)
+        self.b = nn.Conv2d(8, 3, 1)
+        with torch.no_grad():
+            self.a.weight.copy_(torch.randn(8, 4, 1, 1, generator=gen) * 0.3)
+            self.a.bias.copy_(torch.rand(8, generator=gen) * 2 + 1)
+            self.b.weight.copy_(torch.randn(3, 8, 1, 1, generator=gen))
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_mean_compensation_reduces_the_error_of_a_deletion():
+    model = ReluStream().eval()
+    cal = _calibration()
+    errors = {}
+    for compensate in ("mean", "refit", "false"):
+        c, row = _slice(model, f"budget=1e30;method=magnitude;keep=1:4;random_inputs=0;compensate={compensate}",
+                        cal, verify_inputs=0)
+        assert row.result.stats["keep"] == {1: 4}
+        errors[compensate] = _error(model, c.graph_module, _calibration(seed=5))
+    assert errors["mean"] < 0.5 * errors["false"], errors
+    assert errors["refit"] < 0.5 * errors["false"], errors
