@@ -240,7 +240,8 @@ class MergeParallel(Pass):
             leftover.insert(0, merged)
             result.rewrites.append(f"{root.name}: {' + '.join(b.term.name for b in brs)} -> {merged.name}")
         if not merged_any:
-            return "; ".join(reasons) if reasons else "no two branches read the same input"
+            # No two branches on one input: not a parallel-branch sum (a plain residual add), nothing to say.
+            return "; ".join(reasons) if reasons else None
         # Rebuild the sum from the merged conv(s) and the remaining terms.
         new_root = leftover[0]
         with gm.graph.inserting_before(root):
