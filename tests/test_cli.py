@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+import qlfx
+
 from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
 from qlfx import ir
 from qlfx.cli import EXIT_INTERNAL, EXIT_NOT_EQUIVALENT, EXIT_OK, EXIT_USAGE, main
@@ -86,7 +88,8 @@ def test_run_ok_with_print_and_dump(tmp_path, capsys):
     assert "# *** IR after fold-bn ***" in out and "# *** fold-bn changed the IR ***" in out
     assert "-    stem_1 = torch.nn.functional.batch_norm" in out  # the diff removes the stem BN
     names = sorted(p.name for p in dump.iterdir())
-    for stem in ("000_input", "001_fold-bn", "002_constant-fold", "003_dce"):
+    stages = ["input"] + qlfx.DEFAULT_PIPELINE.split(",")
+    for stem in (f"{i:03d}_{name}" for i, name in enumerate(stages)):
         assert f"{stem}.py" in names and f"{stem}.dot" in names
     assert "def forward" in (dump / "001_fold-bn.py").read_text()
     # diff of two dumped stages
@@ -94,7 +97,8 @@ def test_run_ok_with_print_and_dump(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "removed: stem_1," in out and "added: stem_0_weight_bn" in out and "changed: stem_0, stem_2" in out
     assert re.search(r" <$", out, re.M) and " | " in out  # side by side: lines only in A, changed lines
-    assert main(["diff", "-u", str(dump / "001_fold-bn.py"), str(dump / "003_dce.py")]) == EXIT_OK
+    dce_stem = f"{stages.index('dce'):03d}_dce"
+    assert main(["diff", "-u", str(dump / "001_fold-bn.py"), str(dump / f"{dce_stem}.py")]) == EXIT_OK
     assert "@@" in capsys.readouterr().out
     assert main(["diff", str(dump / "001_fold-bn.py"), str(dump / "001_fold-bn.py")]) == EXIT_OK
     assert "same graph" in capsys.readouterr().out
@@ -125,7 +129,7 @@ def test_report_and_svg(tmp_path, capsys):
     assert rc == EXIT_OK
     html = (tmp_path / "r.html").read_text()
     assert "fold-bn" in html and "MACs" in html
-    assert len(list((tmp_path / "svg").iterdir())) == 4
+    assert len(list((tmp_path / "svg").iterdir())) == 1 + len(qlfx.DEFAULT_PIPELINE.split(","))
     # also written when a pass fails, marking it
     rc = main(["run", *MODEL, "--passes", "fold-bn,test-cli-negates-second-bias", "--report", str(tmp_path / "bad.md")])
     assert rc == EXIT_NOT_EQUIVALENT

@@ -31,7 +31,7 @@ def _folded(name, double=False, **kwargs):
     model = randomize_batchnorm(create_model(name, **kwargs).eval(), 7)
     shape = (1, 3, 32, 32) if kwargs else (1, 3, 224, 224)
     x = torch.randn(shape)
-    gm = qlfx.compile(model, example_inputs=(x,), verify=False).graph_module
+    gm = qlfx.compile(model, "fold-bn,constant-fold,dce", example_inputs=(x,), verify=False).graph_module
     if double:
         gm = gm.double()
         x = x.double()
@@ -164,7 +164,7 @@ def test_fused_branch_products_are_analysed_like_the_unfused_graph(name):
     pytest.importorskip("qlfx.passes.fuse_product")
     model = randomize_batchnorm(create_model(name).eval(), 4)
     x = torch.randn(1, 3, 32, 32)
-    plain = qlfx.compile(model, example_inputs=(x,), verify=False).graph_module
+    plain = qlfx.compile(model, "fold-bn,constant-fold,dce", example_inputs=(x,), verify=False).graph_module
     fused = qlfx.compile(model, "fold-bn,constant-fold,dce,fuse-product,dce", example_inputs=(x,),
                          verify=False).graph_module
     assert any(n.op == "call_function" and "branch_product" in str(n.target) for n in fused.graph.nodes)

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 
 import qlfx
+
+FOLD = "fold-bn,constant-fold,dce"  # the BN-folded graph the analysis is specified on
 from qlfx import ir
 from qlfx import symmetry as sym
 from qlfx.models import Hardball, create_model, qlnet_eq3, randomize_batchnorm
@@ -270,7 +272,7 @@ def test_flatten_of_spatial_map_is_copies_of_the_space():
 def _zoo(name, **kwargs):
     m = randomize_batchnorm(create_model(name, **kwargs).eval(), 0)
     x = torch.randn(1, 3, 32, 32)
-    gm = qlfx.compile(m, example_inputs=(x,)).graph_module
+    gm = qlfx.compile(m, FOLD, example_inputs=(x,)).graph_module
     return gm, sym.analyze(gm)
 
 
@@ -296,7 +298,7 @@ def test_eq3_product_pins_stream_to_signed_permutations():
     continuous symmetry is exactly the branch rescalings (one scaling per conv_a output channel)."""
     model = randomize_batchnorm(qlnet_eq3(num_classes=10, layers=(2, 2, 2, 2), widths=(8, 16, 32, 64)).eval(), 0)
     x = torch.randn(1, 3, 32, 32)
-    gm = qlfx.compile(model, example_inputs=(x,)).graph_module
+    gm = qlfx.compile(model, FOLD, example_inputs=(x,)).graph_module
     report = sym.analyze(gm)
     assert report.space("maxpool").group is G.PERMUTATION  # ReLU stem (positive) meets softball (O)
     for act in ("layer2_0_act", "layer3_0_act", "layer4_0_act"):
@@ -322,7 +324,7 @@ def test_unfolded_graph_treats_batchnorm_as_per_channel():
 @pytest.mark.slow
 def test_qlnet50_full_size_analysis():
     m = randomize_batchnorm(create_model("qlnet50").eval(), 0)
-    gm = qlfx.compile(m, example_inputs=(torch.randn(1, 3, 224, 224),), verify=False).graph_module
+    gm = qlfx.compile(m, FOLD, example_inputs=(torch.randn(1, 3, 224, 224),), verify=False).graph_module
     report = sym.analyze(gm)
     assert report.space("maxpool").group is G.POSITIVE_MONOMIAL
     o_spaces = [s for s in report.spaces if s.group is G.O]
