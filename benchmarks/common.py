@@ -19,6 +19,11 @@ def set_threads(threads: int) -> None:
     """Pin every engine to ``threads`` threads. Call before torch / tvm / onnxruntime start pools."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "TVM_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
+    # No engine may keep its workers spinning after a run: on 2 cores a spinning pool steals the cores
+    # of the engine measured next (torch eager measured 5-100x slower right after TVM blocks without
+    # this). ORT's equivalent is the allow_spinning session option (ort_session below).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     import torch
 
     torch.set_num_threads(threads)

@@ -18,12 +18,11 @@
 from __future__ import annotations
 
 import json
-import math
 import operator
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -59,6 +58,9 @@ def make_target(target: Any):
     kind = spec.get("kind")
     if kind == "llvm":
         spec.setdefault("num-cores", _physical_cores())
+        # the host CPU by name, so LLVM uses its vector width (AVX-512 where present); without it the
+        # code is generic x86-64 (SSE2) and every kernel runs several times slower
+        spec.setdefault("mcpu", tvm.target.codegen.llvm_get_system_cpu())
         return tvm.target.Target(spec)
     if kind == "cuda":
         spec.setdefault("arch", "sm_90a")
@@ -107,12 +109,12 @@ class _Converter:
             torch.conv2d: self.conv2d,
             F.linear: self.linear,
             F.batch_norm: self.batch_norm,
-            F.relu: lambda n, x: self.R.nn.relu(x),
-            torch.relu: lambda n, x: self.R.nn.relu(x),
+            F.relu: lambda n, x, *a, **k: self.R.nn.relu(x),
+            torch.relu: lambda n, x, *a, **k: self.R.nn.relu(x),
             F.hardtanh: self.hardtanh,
-            torch.sigmoid: lambda n, x: self.R.sigmoid(x),
-            torch.tanh: lambda n, x: self.R.tanh(x),
-            F.silu: lambda n, x: self.R.nn.silu(x),
+            torch.sigmoid: lambda n, x, *a, **k: self.R.sigmoid(x),
+            torch.tanh: lambda n, x, *a, **k: self.R.tanh(x),
+            F.silu: lambda n, x, *a, **k: self.R.nn.silu(x),
             F.hardswish: self.hardswish,
             F.hardsigmoid: self.hardsigmoid,
             F.gelu: self.gelu,
@@ -132,19 +134,28 @@ class _Converter:
             operator.getitem: self.getitem,
             torch.cat: self.cat,
             torch.reshape: self.reshape_to_output,
+            F.group_norm: self.group_norm,
+            F.layer_norm: self.layer_norm,
+            torch.permute: self.permute,
+            torch.mean: self.mean,
+            F.relu6: lambda n, x, inplace=False: self.R.clip(x, 0.0, 6.0),
+            F.dropout: lambda n, x, *a, **k: x,
         }
         self.methods: dict[str, Callable] = {
             "add": self.binary(lambda a, b: self.R.add(a, b)),
             "mul": self.binary(lambda a, b: self.R.multiply(a, b)),
             "sub": self.binary(lambda a, b: self.R.subtract(a, b)),
             "div": self.binary(lambda a, b: self.R.divide(a, b)),
-            "relu": lambda n, x: self.R.nn.relu(x),
-            "sigmoid": lambda n, x: self.R.sigmoid(x),
+            "relu": lambda n, x, *a, **k: self.R.nn.relu(x),
+            "sigmoid": lambda n, x, *a, **k: self.R.sigmoid(x),
             "view": self.reshape_to_output,
             "reshape": self.reshape_to_output,
             "flatten": self.reshape_to_output,
             "contiguous": lambda n, x, *a, **k: x,
             "repeat": self.repeat,
+            "permute": self.permute,
+            "mean": self.mean,
+            "sum": self.reduce_sum,
         }
 
     # ---- helpers
@@ -218,6 +229,44 @@ class _Converter:
         bshape = (1, -1) + (1,) * (rank - 2)
         scaled = self.bb.emit(self.R.multiply(self.env[node.args[0]], self.const(scale.reshape(bshape), dtype)))
         return self.R.add(scaled, self.const(shift.reshape(bshape), dtype))
+
+    def group_norm(self, node, x, num_groups, weight=None, bias=None, eps=1e-5):
+        c = self.out_shape(node)[1]
+        rank = len(self.out_shape(node))
+        dtype = self.dtype_of(node)
+        gamma = weight if weight is not None else self.const(np.ones(c), dtype)
+        beta = bias if bias is not None else self.const(np.zeros(c), dtype)
+        return self.R.nn.group_norm(x, gamma, beta, int(num_groups), 1, list(range(2, rank)), float(eps))
+
+    def layer_norm(self, node, x, normalized_shape, weight=None, bias=None, eps=1e-5):
+        rank = len(self.out_shape(node))
+        k = len(normalized_shape)
+        dtype = self.dtype_of(node)
+        gamma = weight if weight is not None else self.const(np.ones(tuple(normalized_shape)), dtype)
+        beta = bias if bias is not None else self.const(np.zeros(tuple(normalized_shape)), dtype)
+        return self.R.nn.layer_norm(x, gamma, beta, list(range(rank - k, rank)), float(eps))
+
+    def permute(self, node, x, *dims, **kw):
+        dims = kw.get("dims", dims)
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        return self.R.permute_dims(x, [int(d) for d in dims])
+
+    def _axes(self, node, dim):
+        rank = len(ir.shape(node.args[0]))
+        dims = dim if isinstance(dim, (tuple, list)) else [dim]
+        return [int(d) % rank for d in dims]
+
+    def mean(self, node, x, dim=None, keepdim=False, dtype=None):
+        dim, keepdim = node.kwargs.get("dim", dim), node.kwargs.get("keepdim", keepdim)
+        if dtype is not None or node.kwargs.get("dtype") is not None:
+            raise _Unsupported("mean with dtype")
+        return self.R.mean(x, None if dim is None else self._axes(node, dim), bool(keepdim))
+
+    def reduce_sum(self, node, x, dim=None, keepdim=False, dtype=None):
+        dim, keepdim = node.kwargs.get("dim", dim), node.kwargs.get("keepdim", keepdim)
+        if dtype is not None or node.kwargs.get("dtype") is not None:
+            raise _Unsupported("sum with dtype")
+        return self.R.sum(x, None if dim is None else self._axes(node, dim), bool(keepdim))
 
     def hardtanh(self, node, x, min_val=-1.0, max_val=1.0, inplace=False):
         min_val = node.kwargs.get("min_val", min_val)
@@ -422,7 +471,10 @@ class _Converter:
             raise _Unsupported(f"node kind {node.op}")
         args = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args]
         kwargs = {k: (self.env[v] if isinstance(v, fx.Node) else v) for k, v in node.kwargs.items()}
-        return handler(node, *args, **kwargs)
+        try:
+            return handler(node, *args, **kwargs)
+        except TypeError as err:  # arguments this converter does not know (a newer torch signature, say)
+            raise _Unsupported(f"{_target_name(node.target)} with these arguments ({err})") from err
 
 
 class _Unsupported(Exception):
@@ -498,12 +550,11 @@ class _KernelLowering:
             try:
                 from .. import kernels
 
-                if hasattr(kernels, "branch_product_primfunc") and hasattr(kernels, "BranchProductSpec"):
-                    self.kernels = kernels
-                else:
-                    self.notes.append("qlfx.kernels has no branch_product_primfunc: fused ops lowered to Relax ops")
-            except Exception as err:  # noqa: BLE001 -- any import failure means: no kernel package
-                self.notes.append(f"qlfx.kernels unavailable ({type(err).__name__}: {err}): fused ops lowered to Relax ops")
+                _kernel_api(kernels)  # fails unless the kernel module has what we need
+                self.kernels = kernels
+            except Exception as err:  # noqa: BLE001 -- any failure here means: no usable kernel package
+                self.notes.append(f"qlfx.kernels unavailable ({type(err).__name__}: {err}): "
+                                  "fused ops lowered to Relax ops")
 
     def __call__(self, conv: _Converter, site: dict):
         kind = "pointwise" if site["weight_b"].shape[2:] == (1, 1) and site["groups_b"] == 1 else "depthwise"
@@ -513,8 +564,97 @@ class _KernelLowering:
         return _lower_with_kernel(self, conv, site, kind)
 
 
+def _kernel_api(kernels_pkg):
+    """(BranchProductSpec, schedule(spec, target) -> PrimFunc, pack_weights, tune or None) from qlfx.kernels."""
+    mod = kernels_pkg
+    if not hasattr(mod, "BranchProductSpec"):
+        from ..kernels import branch_product as mod  # the package may not re-export yet
+    tune = getattr(mod, "tune_branch_product", None) or getattr(kernels_pkg, "tune_branch_product", None)
+    if tune is None:
+        try:
+            from ..kernels.tuning import tune_branch_product as tune
+        except ImportError:
+            tune = None
+    return mod.BranchProductSpec, mod.schedule_branch_product, mod.pack_weights, tune
+
+
+def _spec_for(Spec, site: dict, kind: str):
+    """The kernel's BranchProductSpec for a fused site, or a reason why the kernel does not apply."""
+    n, cin, h, w = site["x_shape"]
+    wb = site["weight_b"]
+    (sh, sw), (ph, pw), (dh, dw) = site["stride"], site["padding_b"], site["dilation_b"]
+    if site["dtype"] != "float32":
+        return None, f"dtype {site['dtype']} (the kernel is fp32)"
+    if sh != sw or ph != pw or dh != dw or wb.shape[2] != wb.shape[3]:
+        return None, "non-square stride/padding/dilation/kernel"
+    try:
+        return Spec(batch=n, in_channels=cin, height=h, width=w, out_channels=wb.shape[0], kind=kind, stride=sh,
+                    kernel_size_b=wb.shape[2], padding_b=ph, dilation_b=dh, groups_b=site["groups_b"],
+                    has_bias_a=site["bias_a"] is not None, has_bias_b=site["bias_b"] is not None), ""
+    except ValueError as err:
+        return None, str(err)
+
+
+def _tuned_func(tuned) -> Any:
+    for name in ("primfunc", "prim_func", "func", "scheduled", "mod"):
+        value = getattr(tuned, name, None)
+        if value is not None:
+            return value["main"] if hasattr(value, "functions") else value
+    raise TypeError(f"cannot find the scheduled PrimFunc on {type(tuned).__name__}")
+
+
+def _first_attr(obj, names, default=None):
+    for name in names:
+        value = getattr(obj, name, None)
+        if value is not None:
+            return value
+    return default
+
+
 def _lower_with_kernel(lowering: _KernelLowering, conv: _Converter, site: dict, kind: str):
-    raise NotImplementedError  # replaced below once qlfx.kernels' API is known
+    """call_tir of the (tuned or hand-scheduled) kernel of qlfx.kernels, weights packed once here."""
+    from tvm import relax
+
+    Spec, schedule, pack_weights, tune = _kernel_api(lowering.kernels)
+    spec, why_not = _spec_for(Spec, site, kind)
+    if spec is None:
+        lowering.records.append(KernelRecord(site["name"], kind, "relax-fallback", note=why_not))
+        return lower_branch_product_relax(conv, site)
+    if spec not in lowering.by_spec:
+        record = KernelRecord(site["name"], kind, spec.name())
+        can_tune = tune is not None and lowering.trials > 0 and lowering.target.kind.name == "llvm"
+        if can_tune:
+            def report(done: int, total: int, best_gflops: float, name=spec.name()) -> None:
+                if lowering.progress:
+                    what = "from the database" if total == 0 else f"trials {done}/{total}"
+                    _say(f"[qlfx.tvm] kernel {name}: {what}, best {best_gflops:.1f} GFLOP/s")
+
+            tuned = tune(spec, lowering.target, lowering.trials, str(lowering.database_dir / "branch-product"),
+                         report)
+            func = _tuned_func(tuned)
+            record.trials_run = int(_first_attr(tuned, ("trials_run", "trials_measured", "trials"), 0))
+            best = _first_attr(tuned, ("best_us",))
+            if best is None and _first_attr(tuned, ("best_seconds", "best_latency_s")) is not None:
+                best = 1e6 * float(_first_attr(tuned, ("best_seconds", "best_latency_s")))
+            record.best_us = None if best is None else float(best)
+            record.from_database = bool(_first_attr(tuned, ("from_database", "cached"), record.trials_run == 0))
+        else:
+            func, _ = schedule(spec, lowering.target)
+            record.note = "hand schedule" + (
+                " (qlfx.kernels has no tune_branch_product)" if tune is None else
+                " (tuning a cuda kernel needs a GPU to measure on)" if lowering.trials > 0 else "")
+        # Own symbol (the kernel names itself "main", which is the Relax entry here); already scheduled,
+        # so the tuner and dlight leave it alone; opaque, so FuseOps does not merge it with neighbours.
+        func = func.with_attr("global_symbol", spec.name()).with_attr("tirx.is_scheduled", True)
+        func = func.with_attr("op_pattern", 8)
+        gvar = conv.bb.add_func(func, spec.name())
+        lowering.by_spec[spec] = (gvar, record)
+    gvar, first = lowering.by_spec[spec]
+    lowering.records.append(KernelRecord(site["name"], kind, first.kernel, first.trials_run if first.node == site["name"] else 0,
+                                         first.best_us, first.from_database or first.node != site["name"], first.note))
+    packed = pack_weights(spec, site["weight_a"], site["bias_a"], site["weight_b"], site["bias_b"])
+    args = [site["x"]] + [relax.const(np.ascontiguousarray(a, dtype="float32")) for a in packed]
+    return conv.R.call_tir(gvar, args, relax.TensorType(tuple(spec.output_shape), "float32"))
 
 
 # ---------------------------------------------------------------------------- other-op tuning
@@ -548,8 +688,7 @@ def tune_module_tasks(mod, target, trials_per_task: int, database_dir: Path, pro
     summary = TuningSummary()
     start = time.perf_counter()
     database = _database(database_dir)
-    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target)
-             if not t.mod.attrs.get("tirx.is_scheduled", False)]
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not _is_scheduled_task(t)]
     summary.tasks_total = len(tasks)
     todo = []
     for task in tasks:
@@ -561,15 +700,57 @@ def tune_module_tasks(mod, target, trials_per_task: int, database_dir: Path, pro
         _say(f"[qlfx.tvm] other ops: {len(tasks)} tasks, {summary.tasks_from_database} from the database, "
              f"{len(todo)} to tune x {trials_per_task} trials")
     if todo and trials_per_task > 0:
+        import logging
+
+        # MetaSchedule prints every task table to stdout at INFO; keep its console quiet (its log files in
+        # <database>/logs keep everything) unless the caller configured that logger.
+        ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+        if ms_logger.level == logging.NOTSET:
+            ms_logger.setLevel(logging.WARNING)
         work_dir = str(database_dir / "logs")
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir, seed=0)
         ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
                       max_trials_global=trials_per_task * len(contexts), max_trials_per_task=trials_per_task,
-                      num_trials_per_iter=min(64, trials_per_task), database=database)
+                      num_trials_per_iter=min(64, trials_per_task), database=database,
+                      cost_model=_cost_model(), **_builder_runner())
         summary.tasks_tuned = len(contexts)
         summary.trials_run = trials_per_task * len(contexts)
     summary.seconds = time.perf_counter() - start
+    if progress and todo:
+        _say(f"[qlfx.tvm] other ops: tuned {summary.tasks_tuned} tasks in {summary.seconds:.0f}s "
+             f"(logs in {database_dir / 'logs'})")
     return summary
+
+
+def _is_scheduled_task(task) -> bool:
+    """A task whose PrimFunc is already scheduled (our fused kernels): nothing for the tuner to do."""
+    for mod in (task.mod, task.dispatched[0]):
+        for func in mod.functions.values():
+            if func.attrs is not None and bool(func.attrs.get("tirx.is_scheduled", False)):
+                return True
+    return False
+
+
+def _builder_runner() -> dict:
+    """In-process builder/runner of qlfx.kernels.tuning when present: MetaSchedule's LocalBuilder starts
+    worker processes that each import tvm's tensor intrinsics (~30 s of CPU apiece on a small machine),
+    which dominates small tuning budgets. Falls back to MetaSchedule's local ones."""
+    try:
+        from ..kernels.tuning import InProcessBuilder, InProcessRunner
+
+        return {"builder": InProcessBuilder(), "runner": InProcessRunner()}
+    except ImportError:
+        return {}
+
+
+def _cost_model() -> str:
+    """MetaSchedule's default "xgb" cost model needs xgboost; fall back to random search without it."""
+    try:
+        import xgboost  # noqa: F401
+
+        return "xgb"
+    except ImportError:
+        return "random"
 
 
 def _say(msg: str) -> None:
@@ -692,6 +873,7 @@ def build_tvm(
     database_dir = Path(tuning_db) if tuning_db is not None else Path.home() / ".cache" / "qlfx" / "tvm-tuning"
     lowering = _KernelLowering(tgt, tune_trials, database_dir, progress, use_kernels)
     mod, conv = to_relax(gm, example_inputs, lowering)
+    relax_module = mod
     is_gpu = tgt.kind.name == "cuda"
     pipeline = _backend_pipeline(tgt)
     with tgt:
@@ -715,7 +897,7 @@ def build_tvm(
     executable = tvm.compile(mod, target=tgt, relax_pipeline=None)
     return TVMModule(executable, tgt, conv.input_meta, conv.output_meta,
                      isinstance(_output_arg(gm), (tuple, list)), lowering.records, tuning, lowering.notes,
-                     None, time.perf_counter() - start)
+                     relax_module, time.perf_counter() - start)
 
 
 def _backend_pipeline(target):
