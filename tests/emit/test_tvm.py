@@ -162,21 +162,20 @@ def test_export_loads_and_runs_without_torch(compiled_small, tmp_path):
     np.save(tmp_path / "x.npy", x.numpy())
     with torch.no_grad():
         np.save(tmp_path / "expected.npy", model(x).numpy())
-    # The loader module imports tvm + numpy only; load it by path so that qlfx/__init__ (which imports
-    # torch) is not executed, and make any `import torch` fail.
+    # What a deployment machine without torch does: import qlfx's loader (qlfx's package import is lazy,
+    # and the loader needs tvm + numpy only), with any `import torch` failing.
     script = textwrap.dedent(f"""
-        import importlib.util, sys
+        import sys
         sys.modules["torch"] = None
         import numpy as np
-        spec = importlib.util.spec_from_file_location("tvm_runtime", {str(RUNTIME_FILE)!r})
-        runtime = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(runtime)
+        from qlfx.emit import tvm_runtime as runtime
         model = runtime.load({str(so)!r})
         (y,) = model(np.load({str(tmp_path / 'x.npy')!r}))
         expected = np.load({str(tmp_path / 'expected.npy')!r})
         err = np.abs(y - expected).max() / np.abs(expected).max()
         assert err < 2e-5, err
-        assert not any(m == "qlfx" or m.startswith("qlfx.") for m in sys.modules)
+        assert sys.modules["torch"] is None  # nothing managed to import torch
+        assert "qlfx.api" not in sys.modules and "qlfx.ir" not in sys.modules
         print("ok", err)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
