@@ -3,6 +3,7 @@ from . import (  # noqa: F401
     basis_change,
     constant_fold,
     dce,
+    expand_depthwise,
     fold_bn,
     fuse_product,
     merge_parallel,

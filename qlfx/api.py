@@ -14,7 +14,7 @@ from .errors import UsageError
 from .pass_manager import Pass, PassContext, PassManager, Report, parse_pipeline
 from .verify import Tolerance
 
-DEFAULT_PIPELINE = "fold-bn,merge-parallel,constant-fold,dce,fuse-product"
+DEFAULT_PIPELINE = "fold-bn,merge-parallel,constant-fold,dce,fuse-product,expand-depthwise"
 
 
 class Compiled:

@@ -11,7 +11,9 @@ Shapes are static: they come from ``node.meta["tensor_meta"]`` after propagating
 qlfx's own ops become model-local ONNX functions of standard ops, so any ONNX runtime runs them and a
 backend that knows them can match them by name:
 
-- ``qlfx.BranchProduct(X, Wa, Ba, Wb, Bb)`` <strides, pads_b, dilations_b, group_b>
+- ``qlfx.BranchProduct(X, Wa, Ba, Wb, Bb)`` <strides, pads_b, dilations_b, group_b>; with a depthwise b
+  branch that has a channel multiplier, ``qlfx.BranchProductRepeat(X, Wa, Ba, Wb, Bb, RepeatIndex)``
+  (b reads the channel-repeated input through a pure depthwise conv: runtimes are fast only on those)
   = ``Mul(Conv(X, Wa, Ba, strides), Conv(X, Wb, Bb, strides, pads_b, dilations_b, group_b))``
   (``torch.ops.qlfx.branch_product``, see :mod:`qlfx.ops`; a missing bias is passed as zeros);
 - ``qlfx.Hardball(X)`` <radius> = ``X * r / max(|X|, r)``, |X| the L2 norm over axis 1;
@@ -520,6 +522,17 @@ def _repeat(em, node, input, *repeats):
     return em.op("Tile", [input, em.ints([int(r) for r in repeats], hint="repeats")])
 
 
+@converts(torch.repeat_interleave, "method:repeat_interleave")
+def _repeat_interleave(em, node, input, repeats, dim=None, *, output_size=None):
+    """Each index repeated ``repeats`` times along ``dim``: a Gather with constant indices."""
+    if not isinstance(repeats, int) or dim is None:
+        raise _Unsupported("repeat_interleave with tensor repeats or without dim")
+    shape = _shape_of(em, input)
+    dim = dim + len(shape) if dim < 0 else dim
+    indices = np.repeat(np.arange(shape[dim], dtype=np.int64), repeats)
+    return em.op("Gather", [input, em.const(indices, hint="repeat_index")], {"axis": dim})
+
+
 @converts(torch.cat, torch.concat)
 def _cat(em, node, tensors, dim=0):
     return em.op("Concat", [em.tensor(t, node, "a concatenated value") for t in tensors], {"axis": int(dim)})
@@ -727,6 +740,29 @@ def _branch_product_function(em: _Emitter) -> ir.Function:
     return fn
 
 
+def _branch_product_repeat_function(em: _Emitter) -> ir.Function:
+    """The depthwise-multiplier form: runtimes are fast on pure depthwise convs only, so the b branch
+    repeats each input channel m times (Gather with RepeatIndex) and runs a groups = M conv (the same sums,
+    see passes/expand_depthwise.py)."""
+    INTS, INT = ir.AttributeType.INTS, ir.AttributeType.INT
+
+    def build(tape, x, wa, ba, wb, bb, repeat_index):
+        a = tape.op("Conv", [x, wa, ba], {"strides": [1, 1]})
+        a.producer().attributes["strides"] = _ref("strides", INTS)
+        b = tape.op("Conv", [tape.op("Gather", [x, repeat_index], {"axis": 1}), wb, bb])
+        for attr in (_ref("strides", INTS), _ref("pads_b", INTS, "pads"), _ref("dilations_b", INTS, "dilations"),
+                     _ref("group_b", INT, "group")):
+            b.producer().attributes[attr.name] = attr
+        return tape.op("Mul", [a, b])
+
+    attrs = [ir.Attr(n, t, None) for n, t in (("strides", INTS), ("pads_b", INTS), ("dilations_b", INTS),
+                                             ("group_b", INT))]
+    fn = _make_function("BranchProductRepeat", ["X", "Wa", "Ba", "Wb", "Bb", "RepeatIndex"], attrs, em.opset, build)
+    fn.doc_string = ("Conv(X, Wa, Ba, strides) * Conv(Gather(X, RepeatIndex, axis=1), Wb, Bb, strides, pads_b, "
+                     "dilations_b, group_b): qlfx::branch_product with a depthwise-multiplier b branch")
+    return fn
+
+
 def _radial_function(em: _Emitter, name: str) -> ir.Function:
     FLOAT = ir.AttributeType.FLOAT
 
@@ -753,12 +789,18 @@ def _zeros_bias(em: _Emitter, weight: ir.Value, hint: str) -> ir.Value:
 
 
 def _branch_product(em, node, x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b):
-    em.function("BranchProduct", _branch_product_function)
     bias_a = bias_a if bias_a is not None else _zeros_bias(em, weight_a, "branch_bias_a")
     bias_b = bias_b if bias_b is not None else _zeros_bias(em, weight_b, "branch_bias_b")
-    return em.op("BranchProduct", [x, weight_a, bias_a, weight_b, bias_b],
-                 {"strides": _pair(stride), "pads_b": _pair(padding_b) * 2, "dilations_b": _pair(dilation_b),
-                  "group_b": int(groups_b)}, domain=QLFX_DOMAIN)
+    attrs = {"strides": _pair(stride), "pads_b": _pair(padding_b) * 2, "dilations_b": _pair(dilation_b),
+             "group_b": int(groups_b)}
+    channels, outputs_b = _shape_of(em, x)[1], _shape_of(em, weight_b)[0]
+    if int(groups_b) == channels > 1 and outputs_b > channels:  # depthwise with a channel multiplier
+        em.function("BranchProductRepeat", _branch_product_repeat_function)
+        index = em.const(np.repeat(np.arange(channels, dtype=np.int64), outputs_b // channels), hint="repeat_index")
+        attrs["group_b"] = outputs_b
+        return em.op("BranchProductRepeat", [x, weight_a, bias_a, weight_b, bias_b, index], attrs, domain=QLFX_DOMAIN)
+    em.function("BranchProduct", _branch_product_function)
+    return em.op("BranchProduct", [x, weight_a, bias_a, weight_b, bias_b], attrs, domain=QLFX_DOMAIN)
 
 
 try:

@@ -140,6 +140,7 @@ class _Converter:
             torch.mean: self.mean,
             F.relu6: lambda n, x, inplace=False: self.R.clip(x, 0.0, 6.0),
             F.dropout: lambda n, x, *a, **k: x,
+            torch.repeat_interleave: self.repeat_interleave,
         }
         self.methods: dict[str, Callable] = {
             "add": self.binary(lambda a, b: self.R.add(a, b)),
@@ -201,6 +202,11 @@ class _Converter:
         if view.bias is not None:
             y = self.R.add(self.bb.emit(y), self.R.reshape(self.env[view.bias], (1, -1, 1, 1)))
         return y
+
+    def repeat_interleave(self, node, x, repeats, dim=None, output_size=None):
+        if not isinstance(repeats, int) or dim is None:
+            raise _Unsupported("repeat_interleave with tensor repeats or without dim")
+        return self.R.repeat(x, repeats, axis=dim)
 
     def linear(self, node, x, w, b=None):
         wt = self.constant_tensor(node.args[1])

@@ -60,11 +60,11 @@ def op_types(model: onnx.ModelProto) -> list[str]:
 # ----------------------------------------------------------------------------------- the zoo
 ZOO_CASES = {
     "qlnet-tiny": (lambda: create_model("qlnet-tiny"), {"BranchProduct", "Hardball"}),
-    "qlnet-eq3-tiny": (lambda: create_model("qlnet-eq3-tiny"), {"BranchProduct", "Softball"}),
-    "eq3-hardball": (lambda: qlnet_eq3(**TINY, activation="hardball"), {"BranchProduct", "Hardball"}),
-    "eq3-hardtanh": (lambda: qlnet_eq3(**TINY, activation="hardtanh"), {"BranchProduct"}),
-    "eq3-relu": (lambda: qlnet_eq3(**TINY, activation="relu_all"), {"BranchProduct"}),
-    "eq3-nows-x6": (lambda: qlnet_eq3(**TINY, weight_sharing=False, expansion=6), {"BranchProduct", "Softball"}),
+    "qlnet-eq3-tiny": (lambda: create_model("qlnet-eq3-tiny"), {"BranchProductRepeat", "Softball"}),
+    "eq3-hardball": (lambda: qlnet_eq3(**TINY, activation="hardball"), {"BranchProductRepeat", "Hardball"}),
+    "eq3-hardtanh": (lambda: qlnet_eq3(**TINY, activation="hardtanh"), {"BranchProductRepeat"}),
+    "eq3-relu": (lambda: qlnet_eq3(**TINY, activation="relu_all"), {"BranchProductRepeat"}),
+    "eq3-nows-x6": (lambda: qlnet_eq3(**TINY, weight_sharing=False, expansion=6), {"BranchProductRepeat", "Softball"}),
     "qlnet-2121": (lambda: qlnet(layers=(2, 1, 2, 1), widths=(8, 16, 32, 64), num_classes=10),
                    {"BranchProduct", "Hardball"}),
 }
@@ -79,7 +79,8 @@ def test_zoo_tiny_after_pipeline(case, tmp_path):
     onnx_model = assert_onnx_matches(compiled.graph_module, (x,), tmp_path / "m.onnx")
     assert functions_of(onnx_model) == {(QLFX_DOMAIN, f) for f in functions}
     blocks = sum(model.layers_config)
-    assert op_types(onnx_model).count("BranchProduct") == blocks
+    # Eq.(3)'s depthwise b branch has a channel multiplier: emitted as BranchProductRepeat
+    assert op_types(onnx_model).count("BranchProduct") + op_types(onnx_model).count("BranchProductRepeat") == blocks
     assert {o.domain: o.version for o in onnx_model.opset_import} == {"": 18, QLFX_DOMAIN: 1}
     # The same model, straight from the eager module, also matches (emitter vs. the user's model).
     got = run_onnx(tmp_path / "m.onnx", (x,))[0]
@@ -112,7 +113,8 @@ def test_full_size_zoo_through_onnxruntime(name, tmp_path):
     got = run_onnx(path, (x,))[0]
     check = compare_tensor(want, got, Tolerance())
     assert check.passed, check
-    assert op_types(onnx.load(str(path), load_external_data=False)).count("BranchProduct") == 16
+    types = op_types(onnx.load(str(path), load_external_data=False))
+    assert types.count("BranchProduct") + types.count("BranchProductRepeat") == 16
 
 
 @pytest.mark.parametrize("kind", BLOCK_KINDS)
@@ -210,11 +212,12 @@ def test_branch_product_without_bias_and_fp64(tmp_path):
     x = torch.randn(1, 4, 9, 9)
     gm = qlfx.trace(Hand(), (x,))
     onnx_model = assert_onnx_matches(gm, (x,), tmp_path / "bp.onnx")
-    (call,) = [n for n in onnx_model.graph.node if n.op_type == "BranchProduct"]
+    # multiplier 2 over 4 channels: b reads the channel-repeated input through a groups-8 conv
+    (call,) = [n for n in onnx_model.graph.node if n.op_type == "BranchProductRepeat"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in call.attribute}
-    assert attrs == {"strides": [2, 2], "pads_b": [1, 1, 1, 1], "dilations_b": [1, 1], "group_b": 4}
+    assert attrs == {"strides": [2, 2], "pads_b": [1, 1, 1, 1], "dilations_b": [1, 1], "group_b": 8}
     (fn,) = onnx_model.functions
-    assert [n.op_type for n in fn.node] == ["Conv", "Conv", "Mul"]
+    assert [n.op_type for n in fn.node] == ["Conv", "Gather", "Conv", "Mul"]
 
 
 def test_hardball_radius_attribute(tmp_path):
