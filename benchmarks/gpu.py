@@ -4,7 +4,7 @@
     python benchmarks/gpu.py --models qlnet50 --batches 1 --repeat 10
 
 For each model and batch: builds (a) TVM from the plain traced graph (no qlfx passes) and (b) qlfx's
-module (fold-bn, constant-fold, dce, fuse-product; fused kernels with their hand cuda schedule, the rest
+module (qlfx.DEFAULT_PIPELINE; fused kernels with their hand cuda schedule, the rest
 with Relax's default cuda pipeline / dlight), runs both on the GPU through tvm's cuda device, compares
 with torch on the GPU when torch has CUDA (else with CPU torch outputs computed here), and prints a
 latency table (median of tvm's time_evaluator repeats; torch timed with cuda events).
@@ -90,12 +90,7 @@ def main(argv=None) -> int:
     from qlfx.emit.tvm import build_tvm
     from qlfx.models import create_model, default_input_shape, randomize_batchnorm
 
-    try:
-        import qlfx.passes.fuse_product  # noqa: F401 -- registers it if passes/__init__ does not yet
-    except ImportError:
-        pass
-    pipeline = ("fold-bn,constant-fold,dce,fuse-product" if "fuse-product" in qlfx.list_passes()
-                else qlfx.DEFAULT_PIPELINE)
+    pipeline = qlfx.DEFAULT_PIPELINE
     torch_cuda = torch.cuda.is_available()
     target = {"kind": "cuda", "arch": cuda_arch(device)}
     print(f"GPU: {device.device_name} (compute {device.compute_version}), target {target}; "

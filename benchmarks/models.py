@@ -8,7 +8,7 @@ Engines (fp32, ``--threads`` threads each, default 2):
   torch eager         the model itself under torch.no_grad
   torch.compile       inductor (n/a with the reason when it fails)
   ort plain           onnxruntime on torch.onnx.export of the model (dynamo exporter, legacy fallback)
-  ort qlfx            onnxruntime on qlfx's ONNX (fold-bn,constant-fold,dce,fuse-product)
+  ort qlfx            onnxruntime on qlfx's ONNX (qlfx.DEFAULT_PIPELINE)
   tvm plain           TVM Relax from the plain traced graph, no qlfx passes, untuned (default schedules)
   tvm qlfx            qlfx passes + fused kernels, MetaSchedule-tuned (--trials per task, database reused)
 
@@ -36,7 +36,6 @@ if __package__ in (None, ""):
 else:
     from . import common  # noqa: E402
 
-PASSES_QLFX = "fold-bn,constant-fold,dce,fuse-product"
 
 
 def log(msg: str) -> None:
@@ -44,14 +43,10 @@ def log(msg: str) -> None:
 
 
 def qlfx_pipeline() -> str:
-    """fold-bn,...,fuse-product if fuse-product is registered, else qlfx's default pipeline."""
+    """qlfx's default pipeline (fold-bn, merge-parallel, constant-fold, dce, fuse-product, expand-depthwise)."""
     import qlfx
 
-    try:
-        import qlfx.passes.fuse_product  # noqa: F401 -- registers it if the package does not yet
-    except ImportError:
-        pass
-    return PASSES_QLFX if "fuse-product" in qlfx.list_passes() else qlfx.DEFAULT_PIPELINE
+    return qlfx.DEFAULT_PIPELINE
 
 
 def build_engines(name: str, batch: int, args, workdir: Path) -> tuple[list[common.Engine], dict]:
