@@ -51,11 +51,16 @@ Skipped units are reported with the reason.
 How many to delete (the ``budget``): greedy. Each round tries deleting the next ``step`` channels
 (``max(1, round(C * granularity))``) of each space, measures the output error on the calibration
 inputs (+ ``random_inputs`` seeded random inputs, as the pass manager's verification uses), and
-takes the move with the most MACs saved per unit of error increase among those that keep
+takes the move with the most MACs saved per unit of score increase among those that keep
 
     max over input sets and outputs of  max|new - ref| / max|ref|  <=  budget
 
-(the pass manager's check for lossy passes). It stops when no move fits. ``keep={space id: count}``
+(the pass manager's check for lossy passes). It stops when no move fits. The score
+(``score="mean"``, the default) is the mean over outputs of ||new - ref||^2 / ||ref||^2 on those
+inputs: the max error is set by one worst pixel of one input, so ranking moves by it is noisy (a move
+that hurts one sample a little looks as bad as one that hurts all of them) and the search was not
+monotone in the budget; the mean squared error sees every sample. ``score="max"`` ranks by the
+budget's error itself. Either way the budget constrains the max error. ``keep={space id: count}``
 skips the search and keeps exactly that many channels per space (used to compare methods at equal
 FLOPs). Stats: per space the channels kept, and MACs before/after, error reached, and ``keep``.
 """
@@ -320,7 +325,11 @@ class _Evaluator:
         return [[p[i] for p in per_set] for i in range(len(per_set[0]))]
 
     def error(self, gm) -> float:
-        worst = 0.0
+        """The budget's error; also sets ``self.mean_error``, the mean over outputs of
+        ||new - ref||^2 / ||ref||^2 (the ranking score: smooth in the deletion, where the max is
+        decided by a single worst pixel of a single input)."""
+        worst, mean_terms = 0.0, []
+        self.mean_error = float("inf")
         for refs, news in zip(self.refs, self._outputs(gm)):
             for r, n in zip(refs, news):
                 if r.shape != n.shape:
@@ -330,6 +339,9 @@ class _Evaluator:
                 if not math.isfinite(diff):
                     return float("inf")
                 worst = max(worst, diff / ref_max if ref_max > 0 else (0.0 if diff == 0 else float("inf")))
+                ref_energy = float(r.pow(2).sum())
+                mean_terms.append(float((n - r).pow(2).sum()) / ref_energy if ref_energy > 0 else 0.0)
+        self.mean_error = sum(mean_terms) / max(len(mean_terms), 1)
         return worst
 
 
@@ -428,7 +440,7 @@ class Slice(Pass):
     description = "rotate channel spaces to the principal axes of calibration activations and delete low-variance directions within a budget"
     contract = "lossy"
     option_defaults = {"budget": 0.01, "method": "pca", "keep": None, "random_inputs": 2, "seed": 0,
-                       "granularity": 0.0625, "min_channels": 1, "spaces": "all", "compensate": "refit"}
+                       "granularity": 0.0625, "min_channels": 1, "spaces": "all", "compensate": "refit", "score": "mean"}
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         from qlfx.symmetry import analyze, apply_elements
@@ -634,6 +646,10 @@ class Slice(Pass):
             raise UsageError("slice: give a budget (and calibration data) or keep={space id: channels}")
         limit = budget * (1.0 - 1e-3)  # margin for the rounding of the final (physically sliced) graph
         current = evaluator.error(self._masked(gm, units))
+        current_mean = evaluator.mean_error
+        by_mean = self.options["score"] == "mean"
+        if self.options["score"] not in ("mean", "max"):
+            raise UsageError(f"slice: score must be 'mean' or 'max', got {self.options['score']!r}")
         granularity = float(self.options["granularity"])
         floor = int(self.options["min_channels"])
         # Lazy greedy: each space's next move is scored (MACs saved per unit of error added) when it is
@@ -654,8 +670,11 @@ class Slice(Pass):
             err = evaluator.error(self._masked(gm, units))
             plan.keep += step
             evaluations += 1
-            gain = plan.macs_per_channel * step / max(err - current, 1e-9 * max(limit, 1e-12))
-            return gain, err
+            if by_mean:
+                gain = plan.macs_per_channel * step / max(evaluator.mean_error - current_mean, 1e-12)
+            else:
+                gain = plan.macs_per_channel * step / max(err - current, 1e-9 * max(limit, 1e-12))
+            return gain, err, evaluator.mean_error
 
         while True:
             live = [p for p in units if p.id not in done and p.keep - step_of(p) >= floor]
@@ -663,16 +682,16 @@ class Slice(Pass):
                 break
             for plan in live:
                 if plan.id not in cache:
-                    gain, err = measure(plan)
-                    cache[plan.id] = (gain, err, True)
+                    gain, err, mean = measure(plan)
+                    cache[plan.id] = (gain, err, True, mean)
             feasible = [p for p in live if cache[p.id][1] <= limit or not cache[p.id][2]]
             if not feasible:
                 break
             plan = max(feasible, key=lambda p: cache[p.id][0])
-            gain, err, fresh = cache[plan.id]
+            gain, err, fresh, mean = cache[plan.id]
             if not fresh:
-                gain, err = measure(plan)
-                cache[plan.id] = (gain, err, True)
+                gain, err, mean = measure(plan)
+                cache[plan.id] = (gain, err, True, mean)
                 if err > limit:
                     done.add(plan.id)
                     continue
@@ -686,9 +705,9 @@ class Slice(Pass):
                 result.skipped.append(Skip("slice", "rewrite limit reached (bisection)"))
                 break
             plan.keep -= step_of(plan)
-            current = err
+            current, current_mean = err, mean
             del cache[plan.id]
-            cache.update({k: (g, e, False) for k, (g, e, _) in cache.items()})
+            cache.update({k: (g, e, False, m) for k, (g, e, _, m) in cache.items()})
         result.stats["evaluations"] = evaluations
         self._masked(gm, units)
 

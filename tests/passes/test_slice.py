@@ -201,3 +201,21 @@ def test_mean_compensation_reduces_the_error_of_a_deletion():
         errors[compensate] = _error(model, c.graph_module, _calibration(seed=5))
     assert errors["mean"] < 0.5 * errors["false"], errors
     assert errors["refit"] < 0.5 * errors["false"], errors
+
+
+@pytest.mark.parametrize("score", ["mean", "max"])
+def test_both_scores_respect_the_budget_and_delete_directions(score):
+    model = CorrelatedStream().eval()
+    cal = _calibration()
+    budget = 0.05
+    c, row = _slice(model, f"budget={budget};score={score};granularity=0.0625", cal)
+    stats = row.result.stats
+    assert stats["error"] <= budget and row.check.passed and row.check.needed <= budget
+    assert stats["macs_after"] < stats["macs_before"], stats["keep"]
+    assert _error(model, c.graph_module, cal) <= budget
+
+
+def test_unknown_score_is_a_usage_error():
+    model = CorrelatedStream().eval()
+    with pytest.raises(UsageError, match="score"):
+        _slice(model, "budget=0.05;score=median", _calibration())
