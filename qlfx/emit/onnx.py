@@ -720,13 +720,18 @@ def _ref(name: str, attr_type: ir.AttributeType, as_name: str | None = None) -> 
     return ir.RefAttr(as_name or name, name, attr_type)
 
 
-def _branch_product_function(em: _Emitter) -> ir.Function:
+def _branch_product_function(em: _Emitter, repeat: bool = False) -> ir.Function:
+    """``BranchProduct``: Conv(X, Wa, Ba) * Conv(X, Wb, Bb). With ``repeat`` (``BranchProductRepeat``, for a
+    depthwise b branch with a channel multiplier) b reads Gather(X, RepeatIndex, axis=1) through a pure
+    depthwise conv instead: the same sums (see passes/expand_depthwise.py), and runtimes are fast only on
+    pure depthwise convs."""
     INTS, INT = ir.AttributeType.INTS, ir.AttributeType.INT
 
-    def build(tape, x, wa, ba, wb, bb):
+    def build(tape, x, wa, ba, wb, bb, *repeat_index):
         a = tape.op("Conv", [x, wa, ba], {"strides": [1, 1]})
         a.producer().attributes["strides"] = _ref("strides", INTS)
-        b = tape.op("Conv", [x, wb, bb])
+        xb = tape.op("Gather", [x, repeat_index[0]], {"axis": 1}) if repeat else x
+        b = tape.op("Conv", [xb, wb, bb])
         for attr in (_ref("strides", INTS), _ref("pads_b", INTS, "pads"), _ref("dilations_b", INTS, "dilations"),
                      _ref("group_b", INT, "group")):
             b.producer().attributes[attr.name] = attr
@@ -734,32 +739,11 @@ def _branch_product_function(em: _Emitter) -> ir.Function:
 
     attrs = [ir.Attr(n, t, None) for n, t in (("strides", INTS), ("pads_b", INTS), ("dilations_b", INTS),
                                              ("group_b", INT))]
-    fn = _make_function("BranchProduct", ["X", "Wa", "Ba", "Wb", "Bb"], attrs, em.opset, build)
-    fn.doc_string = ("Conv(X, Wa, Ba, strides) * Conv(X, Wb, Bb, strides, pads_b, dilations_b, group_b): "
-                     "qlfx::branch_product, Wa 1x1 groups 1")
-    return fn
-
-
-def _branch_product_repeat_function(em: _Emitter) -> ir.Function:
-    """The depthwise-multiplier form: runtimes are fast on pure depthwise convs only, so the b branch
-    repeats each input channel m times (Gather with RepeatIndex) and runs a groups = M conv (the same sums,
-    see passes/expand_depthwise.py)."""
-    INTS, INT = ir.AttributeType.INTS, ir.AttributeType.INT
-
-    def build(tape, x, wa, ba, wb, bb, repeat_index):
-        a = tape.op("Conv", [x, wa, ba], {"strides": [1, 1]})
-        a.producer().attributes["strides"] = _ref("strides", INTS)
-        b = tape.op("Conv", [tape.op("Gather", [x, repeat_index], {"axis": 1}), wb, bb])
-        for attr in (_ref("strides", INTS), _ref("pads_b", INTS, "pads"), _ref("dilations_b", INTS, "dilations"),
-                     _ref("group_b", INT, "group")):
-            b.producer().attributes[attr.name] = attr
-        return tape.op("Mul", [a, b])
-
-    attrs = [ir.Attr(n, t, None) for n, t in (("strides", INTS), ("pads_b", INTS), ("dilations_b", INTS),
-                                             ("group_b", INT))]
-    fn = _make_function("BranchProductRepeat", ["X", "Wa", "Ba", "Wb", "Bb", "RepeatIndex"], attrs, em.opset, build)
-    fn.doc_string = ("Conv(X, Wa, Ba, strides) * Conv(Gather(X, RepeatIndex, axis=1), Wb, Bb, strides, pads_b, "
-                     "dilations_b, group_b): qlfx::branch_product with a depthwise-multiplier b branch")
+    name = "BranchProductRepeat" if repeat else "BranchProduct"
+    inputs = ["X", "Wa", "Ba", "Wb", "Bb"] + (["RepeatIndex"] if repeat else [])
+    fn = _make_function(name, inputs, attrs, em.opset, build)
+    fn.doc_string = ("Conv(X, Wa, Ba, strides) * Conv(" + ("Gather(X, RepeatIndex, axis=1)" if repeat else "X")
+                     + ", Wb, Bb, strides, pads_b, dilations_b, group_b): qlfx::branch_product, Wa 1x1 groups 1")
     return fn
 
 
@@ -795,7 +779,7 @@ def _branch_product(em, node, x, weight_a, bias_a, weight_b, bias_b, stride, pad
              "group_b": int(groups_b)}
     channels, outputs_b = _shape_of(em, x)[1], _shape_of(em, weight_b)[0]
     if int(groups_b) == channels > 1 and outputs_b > channels:  # depthwise with a channel multiplier
-        em.function("BranchProductRepeat", _branch_product_repeat_function)
+        em.function("BranchProductRepeat", lambda e: _branch_product_function(e, repeat=True))
         index = em.const(np.repeat(np.arange(channels, dtype=np.int64), outputs_b // channels), hint="repeat_index")
         attrs["group_b"] = outputs_b
         return em.op("BranchProductRepeat", [x, weight_a, bias_a, weight_b, bias_b, index], attrs, domain=QLFX_DOMAIN)
