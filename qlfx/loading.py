@@ -20,7 +20,11 @@ def load_model(spec: str, **factory_kwargs) -> nn.Module:
 
     if ":" not in spec:
         if spec in ZOO:
-            return create_model(spec, **factory_kwargs).eval()
+            # Zoo models have random weights: seed them, so `qlfx run` and `qlfx compare` of the same
+            # name build the same model (and the user's global RNG is left as it was).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                return create_model(spec, **factory_kwargs).eval()
         close = difflib.get_close_matches(spec, list(ZOO), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise UsageError(

@@ -242,3 +242,11 @@ def test_subprocess_loaded_broken_pass_exits_1(tmp_path):
     done = _qlfx("run", *MODEL, "--load", str(plugin), "--passes", "fold-bn,plugin-drops-first-bias")
     assert done.returncode == EXIT_NOT_EQUIVALENT, done.stderr
     assert "plugin-drops-first-bias" in done.stderr and "first diverging node: %stem_0" in done.stderr
+
+
+def test_zoo_models_are_seeded_so_run_and_compare_agree(tmp_path, capsys):
+    """`qlfx run NAME --emit onnx` then `qlfx compare NAME file.onnx` must compare the same weights."""
+    path = tmp_path / "tiny.onnx"
+    assert main(["run", "qlnet-tiny", "--emit", "onnx", "-o", str(path)]) == EXIT_OK
+    assert main(["compare", "qlnet-tiny", str(path)]) == EXIT_OK
+    assert "PASS" in capsys.readouterr().out
