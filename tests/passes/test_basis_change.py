@@ -12,19 +12,11 @@ from qlfx import ir
 from qlfx import symmetry as sym
 from qlfx.errors import UsageError
 from qlfx.models import ZOO, create_model, randomize_batchnorm
-from qlfx.pass_manager import PassContext
 from qlfx.passes.basis_change import BasisChange
+from passtools import rel_error, run_pass
+from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
 
 TINY = dict(layers=(1, 2, 1, 2), widths=(8, 16, 32, 64), num_classes=10)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _folded(name, double=False, **kwargs):
@@ -39,15 +31,11 @@ def _folded(name, double=False, **kwargs):
     return gm, x
 
 
-def _rel(ref, new) -> float:
-    return float((ref - new).abs().max() / ref.abs().max())
+_rel = rel_error
 
 
 def _basis_change(gm, x, **options):
-    new = copy.deepcopy(gm)
-    result = BasisChange(**options).run(new, PassContext(example_inputs=(x,)))
-    new.recompile()
-    return new, result
+    return run_pass(BasisChange(**options), gm, x)
 
 
 def _weights_changed(a, b) -> bool:

@@ -1,7 +1,6 @@
 """rebalance: equivalence with random BN statistics, and a lower weight norm on unbalanced models."""
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -11,28 +10,16 @@ import qlfx
 import qlfx.passes.rebalance  # noqa: F401  (registers the pass)
 from qlfx import ir
 from qlfx.models import create_model, randomize_batchnorm
-from qlfx.pass_manager import PassContext
 from qlfx.passes.rebalance import Rebalance, weight_norm_squared
+from passtools import rel_error, run_pass
+from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _rel(ref, new) -> float:
-    return float((ref - new).abs().max() / ref.abs().max())
+_rel = rel_error
 
 
 def _run(gm, x, **options):
-    new = copy.deepcopy(gm)
-    result = Rebalance(**options).run(new, PassContext(example_inputs=(x,)))
-    new.recompile()
-    return new, result
+    return run_pass(Rebalance(**options), gm, x)
 
 
 @pytest.mark.parametrize("name", ["qlnet-tiny", "qlnet-eq3-tiny", "qlnet-eq3-relu"])

@@ -15,17 +15,9 @@ from qlfx import ir
 from qlfx import symmetry as sym
 from qlfx.models import Hardball, create_model, qlnet_eq3, randomize_batchnorm
 from qlfx.symmetry import Group, Monomial
+from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
 
 G = Group
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------ lattice
