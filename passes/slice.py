@@ -1,5 +1,5 @@
 """slice: rotate channel spaces to the principal axes of their activations, then delete the
-least-used directions, within a relative output-error budget on calibration data (lossy).
+least-used directions, within an output-error or accuracy budget on calibration data (lossy).
 
 Let S be a channel space (DESIGN.md §3) of C channels and x in R^C its channel vector at a pixel. Over
 the calibration inputs, every pixel of every value of S (the writers' outputs, the residual sums,
@@ -28,13 +28,19 @@ channel stays zero through every op of S and adds nothing to the radial norm), w
 shapes while it tries candidates.
 
 Compensation in the readers (both methods; readers that are a linear or a pointwise conv -- with a
-spatial kernel zero padding makes the border differ): ``compensate="mean"`` feeds them the deleted
-channels' calibration means through the bias, b' = b + W[:, D] E[x_D]; ``compensate="refit"`` (the
-default) refits the kept columns and the bias by least squares on the calibration statistics of their
-input, [W'_K, b'] = [W, b] M[:, K~] M[K~, K~]^-1 with M = E[x~ x~^T], x~ = [x; 1], K~ = kept + bias
-(channel-pruning "reconstruction"; it contains the mean rule and also lets kept channels stand in for
-correlated deleted ones). ``compensate=false`` deletes only. The statistics are those of the unsliced
-graph (after the rotation); the budget is still checked on the real outputs.
+spatial kernel zero padding makes the border differ). Each reader is fitted to reproduce its
+REFERENCE output y = W x + b (x: its input in the rotated, unsliced graph) from what it receives in
+the sliced graph, x' (the kept channels K, with every deletion so far upstream):
+
+    [W'_K, b'] = argmin E||W'_K x'_K + b' - (W x + b)||^2 = [W, b] E[x~ x~'_K~^T] E[x~'_K~ x~'_K~^T]^-1
+
+with x~ = [x; 1], K~ = K + the bias entry, expectations over calibration samples and the pixels the
+reader reads (channel-pruning "reconstruction"; it contains the mean rule and lets kept channels
+stand in for correlated deleted ones). ``compensate="refit"`` (the default) re-measures the moments
+on the current sliced graph after every accepted deletion step, so later refits also correct the
+drift of earlier deletions (a step is kept only if it still fits the budget after the refit);
+``"refit-once"`` uses the unsliced statistics (x' = x) throughout; ``"mean"`` only feeds the deleted
+channels' reference means through the bias, b' = b + W[:, D] E[x_D]; ``false`` deletes only.
 
 Which channels are deleted together (a *unit*): an untied space is its own unit. Spaces whose
 permutations are tied by per-channel ops and products form one unit -- in a PDEBlock the hidden halves
@@ -48,21 +54,26 @@ conv with one group per channel, channel slice, product, add, activation, pool, 
 hardball/softball, adding a per-channel constant. The network's input and output are never sliced.
 Skipped units are reported with the reason.
 
-How many to delete (the ``budget``): greedy. Each round tries deleting the next ``step`` channels
-(``max(1, round(C * granularity))``) of each space, measures the output error on the calibration
-inputs (+ ``random_inputs`` seeded random inputs, as the pass manager's verification uses), and
-takes the move with the most MACs saved per unit of score increase among those that keep
-
-    max over input sets and outputs of  max|new - ref| / max|ref|  <=  budget
-
-(the pass manager's check for lossy passes). It stops when no move fits. The score
-(``score="mean"``, the default) is the mean over outputs of ||new - ref||^2 / ||ref||^2 on those
-inputs: the max error is set by one worst pixel of one input, so ranking moves by it is noisy (a move
-that hurts one sample a little looks as bad as one that hurts all of them) and the search was not
-monotone in the budget; the mean squared error sees every sample. ``score="max"`` ranks by the
-budget's error itself. Either way the budget constrains the max error. ``keep={space id: count}``
-skips the search and keeps exactly that many channels per space (used to compare methods at equal
-FLOPs). Stats: per space the channels kept, and MACs before/after, error reached, and ``keep``.
+How many to delete: greedy, under one or both budgets --
+``budget`` (relative output error: max over input sets and outputs of max|new - ref| / max|ref| on
+the calibration inputs + ``random_inputs`` seeded random inputs, the pass manager's check for lossy
+passes) and ``accuracy_drop`` (percentage points of top-1 accuracy of the first output on the
+labelled calibration samples: ``qlfx.compile(..., calibration=x, labels=y)``, negative labels mark
+unlabelled samples; the pass manager checks it on the same data). With neither, budget=0.01. Each
+round tries deleting the next ``step`` channels (``max(1, round(C * granularity))``) of each space
+and takes the move with the most MACs saved per unit of score increase among those that keep every
+budget. It stops when no move fits. The score (``score="mean"``, the default) is the mean over
+outputs of ||new - ref||^2 / ||ref||^2 on those inputs: the max error is set by one worst pixel of
+one input, so ranking moves by it is noisy (a move that hurts one sample a little looks as bad as
+one that hurts all of them) and the search was not monotone in the budget; the mean squared error
+sees every sample, and unlike the accuracy it is smooth. ``score="max"`` ranks by the output budget's
+error itself. An accuracy budget is only as good as its labelled data: use samples the model was
+not trained on, or the drop there says little about unseen data. ``target_macs=N`` also stops the
+search once the graph needs at most N MACs per sample (with a budget that never binds, e.g.
+accuracy_drop=100: pruning to a given cost). ``keep={space id: count}`` skips the
+search and keeps exactly that many channels per space (used to compare methods at equal FLOPs; the
+refit then runs twice). Stats: per space the channels kept, MACs before/after, error reached,
+accuracy before/after on the labelled calibration data, and ``keep``.
 """
 from __future__ import annotations
 
@@ -78,11 +89,13 @@ from qlfx import ir
 from qlfx.errors import UsageError
 from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
 from qlfx.verify import random_inputs as make_random_inputs
+from qlfx.verify import top1_correct
 
 _PASS_THROUGH_TARGETS = {operator.add, torch.add, operator.iadd, operator.sub, torch.sub, F.adaptive_avg_pool2d,
                          F.avg_pool2d, F.max_pool2d, torch.max_pool2d, torch.flatten, operator.truediv, torch.div,
                          F.relu, torch.relu, F.leaky_relu, F.hardtanh, torch.tanh, F.dropout}
 _METHODS = ("pca", "magnitude")
+_COMPENSATE = ("refit", "refit-once", "mean", False)
 
 
 # ----------------------------------------------------------------------------------------- helpers
@@ -105,9 +118,9 @@ def _set_linear_parts(node: fx.Node, weight: fx.Node, bias: fx.Node | None) -> N
         node.args, node.kwargs = (node.args[0], weight, bias), {}
 
 
-def count_macs(gm: fx.GraphModule) -> int:
-    """Multiply-accumulates per sample of every conv / linear (from the recorded shapes)."""
-    total = 0
+def macs_by_node(gm: fx.GraphModule) -> dict[str, int]:
+    """Multiply-accumulates per sample of each conv / linear (from the recorded shapes)."""
+    macs = {}
     for node in gm.graph.nodes:
         parts = _linear_parts(node)
         out = ir.shape(node)
@@ -116,9 +129,26 @@ def count_macs(gm: fx.GraphModule) -> int:
         w = ir.shape(parts[1])
         if w is None:
             w = tuple(ir.get_tensor(gm, parts[1]).shape)
-        per_output = math.prod(w[1:])
-        total += per_output * math.prod(out[1:])
-    return int(total)
+        macs[node.name] = int(math.prod(w[1:]) * math.prod(out[1:]))
+    return macs
+
+
+def count_macs(gm: fx.GraphModule) -> int:
+    """Multiply-accumulates per sample of every conv / linear."""
+    return sum(macs_by_node(gm).values())
+
+
+def _macs_after(base: dict[str, int], units: list["_Unit"]) -> float:
+    """MACs of the graph with each unit cut to ``unit.keep``: a conv loses the kept fraction of its outputs
+    (writers, per-channel convs) and of its inputs (readers) -- both for a conv between two units."""
+    scale = dict.fromkeys(base, 1.0)
+    for unit in units:
+        frac = unit.keep / unit.size
+        for node in unit.writers + unit.depthwise + unit.readers:
+            scale[node.name] *= frac
+        for node in unit.inner:  # reads and writes the same unit (already scaled once as a writer)
+            scale[node.name] *= frac
+    return sum(base[name] * scale[name] for name in base)
 
 
 class _Unit:
@@ -299,12 +329,27 @@ def _batched(sets: list[tuple[torch.Tensor, ...]]):
 
 
 class _Evaluator:
-    """The lossy-pass error, max over input sets and outputs of max|new-ref| / max|ref|."""
+    """The lossy-pass error, max over input sets and outputs of max|new-ref| / max|ref|, and the top-1
+    accuracy (percent, first output) on the sets that carry labels."""
 
-    def __init__(self, gm: fx.GraphModule, sets: list[tuple[torch.Tensor, ...]]):
+    def __init__(self, gm: fx.GraphModule, sets: list[tuple[torch.Tensor, ...]], labels: list[torch.Tensor | None]):
         self.sets = sets
+        self.labels = labels + [None] * (len(sets) - len(labels))
+        self.labelled = any(y is not None for y in self.labels)
         self.batch = _batched(sets)
         self.refs = self._outputs(gm)
+        self.base_accuracy = self._accuracy(self.refs)
+        self.accuracy = self.base_accuracy
+
+    def _accuracy(self, outputs) -> float:
+        if not self.labelled:
+            return float("nan")
+        correct = total = 0
+        for out, y in zip(outputs[0], self.labels):
+            if y is not None:
+                c, n = top1_correct(out, y)
+                correct, total = correct + c, total + n
+        return 100.0 * correct / max(total, 1)
 
     def _run(self, gm, inputs):
         with torch.no_grad():
@@ -329,8 +374,9 @@ class _Evaluator:
         ||new - ref||^2 / ||ref||^2 (the ranking score: smooth in the deletion, where the max is
         decided by a single worst pixel of a single input)."""
         worst, mean_terms = 0.0, []
-        self.mean_error = float("inf")
-        for refs, news in zip(self.refs, self._outputs(gm)):
+        self.mean_error, self.accuracy = float("inf"), float("-inf")
+        outputs = self._outputs(gm)
+        for refs, news in zip(self.refs, outputs):
             for r, n in zip(refs, news):
                 if r.shape != n.shape:
                     return float("inf")
@@ -342,6 +388,7 @@ class _Evaluator:
                 ref_energy = float(r.pow(2).sum())
                 mean_terms.append(float((n - r).pow(2).sum()) / ref_energy if ref_energy > 0 else 0.0)
         self.mean_error = sum(mean_terms) / max(len(mean_terms), 1)
+        self.accuracy = self._accuracy(outputs)
         return worst
 
 
@@ -395,28 +442,75 @@ def _compensable(node: fx.Node) -> bool:
     return conv.groups == 1 and conv.padding in ((0, 0), "valid") and (w is None or tuple(w[2:]) == (1, 1))
 
 
-def _reader_moments(gm: fx.GraphModule, units: list[_Unit], sets) -> dict[str, torch.Tensor]:
-    """For every value x a compensable reader reads: E[x~ x~^T] over calibration samples and pixels,
-    with x~ = [x; 1] (so the last column holds the per-channel means)."""
-    watch = {_linear_parts(r)[0].name for u in units for r in u.readers if _compensable(r)}
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+def _chunks(sets, samples: int = 512):
+    """The input sets regrouped into batches of about ``samples`` samples (fewer, larger forward passes);
+    sets that cannot be concatenated are yielded as they are."""
+    group: list = []
+    for inputs in sets:
+        group.append(inputs)
+        if sum(s[0].shape[0] for s in group) >= samples:
+            merged = _batched(group)
+            yield from ([merged[0]] if merged is not None else group)
+            group = []
+    if group:
+        merged = _batched(group)
+        yield from ([merged[0]] if merged is not None else group)
 
-    class Recorder(fx.Interpreter):
-        def run_node(self, n):
-            value = super().run_node(n)
-            if n.name in watch and isinstance(value, torch.Tensor):
-                x = value.detach().double().movedim(1, -1).reshape(-1, value.shape[1])
-                x = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
-                sums[n.name] = sums.get(n.name, 0) + x.T @ x
-                counts[n.name] = counts.get(n.name, 0) + x.shape[0]
-            return value
 
-    batch = _batched(sets)
-    with torch.no_grad():
-        for inputs in ([batch[0]] if batch is not None else sets):
+def _reader_view(reader: fx.Node, x: torch.Tensor) -> torch.Tensor:
+    """The pixels of ``x`` a compensable reader actually sees (a strided 1x1 conv skips some)."""
+    conv = ir.ConvCall.of(reader)
+    if conv is not None and x.dim() == 4 and tuple(conv.stride) != (1, 1):
+        return x[:, :, ::conv.stride[0], ::conv.stride[1]]
+    return x
+
+
+def _reader_key(reader: fx.Node) -> tuple[str, tuple]:
+    conv = ir.ConvCall.of(reader)
+    return _linear_parts(reader)[0].name, (tuple(conv.stride) if conv is not None else ())
+
+
+def _reader_moments(reference: fx.GraphModule, current: fx.GraphModule | None, units: list[_Unit], sets):
+    """For the input x of every compensable reader, over calibration samples and the pixels it reads,
+    with x~ = [x; 1]: A = E[x~' x~'^T] and B = E[x~' x~^T], where x is the value in ``reference`` and x'
+    the same value in ``current`` (the graph with the deletions so far; None: the reference itself, so
+    B = A). The refit of a reader then reproduces its reference output from what it now receives."""
+    readers = {_reader_key(r): r for u in units for r in u.readers if _compensable(r)}
+    names = {name for name, _ in readers}
+    a_sums, b_sums, counts = {}, {}, {}
+
+    def record(gm, inputs) -> dict[str, torch.Tensor]:
+        values = {}
+
+        class Recorder(fx.Interpreter):
+            def run_node(self, n):
+                value = super().run_node(n)
+                if n.name in names and isinstance(value, torch.Tensor):
+                    values[n.name] = value.detach()
+                return value
+
+        with torch.no_grad():
             Recorder(gm).run(*inputs)
-    return {name: total / counts[name] for name, total in sums.items()}
+        return values
+
+    def rows(reader, value):
+        x = _reader_view(reader, value).double().movedim(1, -1).reshape(-1, value.shape[1])
+        return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype)], dim=1)
+
+    for inputs in _chunks(sets):
+        ref_values = record(reference, inputs)
+        new_values = record(current, inputs) if current is not None else ref_values
+        for key, reader in readers.items():
+            x_ref, x_new = rows(reader, ref_values[key[0]]), rows(reader, new_values[key[0]])
+            a_sums[key] = a_sums.get(key, 0) + x_new.T @ x_new
+            if current is not None:
+                b_sums[key] = b_sums.get(key, 0) + x_new.T @ x_ref
+            counts[key] = counts.get(key, 0) + x_new.shape[0]
+    out = {}
+    for key, total in a_sums.items():
+        a = total / counts[key]
+        out[key] = (a, b_sums[key] / counts[key] if current is not None else a)
+    return out
 
 
 def _parse_keep(keep) -> dict[int, int] | None:
@@ -437,10 +531,17 @@ def _parse_keep(keep) -> dict[int, int] | None:
 @register_pass
 class Slice(Pass):
     name = "slice"
-    description = "rotate channel spaces to the principal axes of calibration activations and delete low-variance directions within a budget"
+    description = ("rotate channel spaces to the principal axes of calibration activations and delete low-variance "
+                   "directions within an output-error budget or an accuracy drop on labelled data")
     contract = "lossy"
-    option_defaults = {"budget": 0.01, "method": "pca", "keep": None, "random_inputs": 2, "seed": 0,
-                       "granularity": 0.0625, "min_channels": 1, "spaces": "all", "compensate": "refit", "score": "mean"}
+    option_defaults = {"budget": None, "accuracy_drop": None, "method": "pca", "keep": None, "random_inputs": 2,
+                       "seed": 0, "granularity": 0.0625, "min_channels": 1, "spaces": "all", "compensate": "refit",
+                       "score": "mean", "target_macs": None}
+    default_budget = 0.01  # the output-error budget when neither budget nor accuracy_drop is given
+
+    def lossy_budgets(self):
+        budget, drop = super().lossy_budgets()
+        return (self.default_budget if budget is None and drop is None else budget), drop
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         from qlfx.symmetry import analyze, apply_elements
@@ -449,8 +550,16 @@ class Slice(Pass):
         if method not in _METHODS:
             raise UsageError(f"slice: method must be one of {', '.join(_METHODS)}, got {method!r}")
         keep_given = _parse_keep(self.options["keep"])
-        budget = float(self.options["budget"]) if self.options["budget"] is not None else None
+        budget, accuracy_drop = self.lossy_budgets()
+        if self.options["compensate"] not in _COMPENSATE:
+            raise UsageError(f"slice: compensate must be one of {', '.join(map(str, _COMPENSATE))}, "
+                             f"got {self.options['compensate']!r}")
         calibration = list(ctx.calibration)
+        labels = list(ctx.labels)
+        if accuracy_drop is not None and keep_given is None and not any(y is not None and bool((y >= 0).any())
+                                                                        for y in labels):
+            raise UsageError("slice<accuracy_drop=...> needs labelled calibration data: "
+                             "qlfx.compile(model, 'slice<accuracy_drop=0.5>', calibration=x, labels=y)")
         if not calibration and (method == "pca" or keep_given is None):
             raise UsageError("slice needs calibration data (the activations it rotates to, and the inputs its budget "
                              "is measured on): qlfx.compile(model, 'slice<budget=0.01>', calibration=images)")
@@ -504,11 +613,15 @@ class Slice(Pass):
 
         # private copies of every tensor we will mask or slice (a shared constant must not change elsewhere)
         self._unshare(gm, units)
-        self._moments = _reader_moments(gm, units, calibration) if self.options["compensate"] and calibration else {}
+        self._calibration = calibration
+        self._reference = copy.deepcopy(gm)  # the rotated, unsliced graph: what refits reproduce
+        self._drifted = False  # True once the moments are those of a graph with deletions
+        self._moments = _reader_moments(gm, None, units, calibration) if self.options["compensate"] and calibration else {}
 
         eval_sets = calibration + make_random_inputs(ctx.example_inputs, int(self.options["seed"]),
                                                      int(self.options["random_inputs"]))
-        evaluator = _Evaluator(gm, eval_sets) if eval_sets else None  # references: after the exact rotation
+        # references: after the exact rotation
+        evaluator = _Evaluator(gm, eval_sets, labels) if eval_sets else None
         if keep_given is not None:
             by_id = {u.id: u for u in units}
             unknown = set(keep_given) - set(by_id)
@@ -517,9 +630,15 @@ class Slice(Pass):
                                  f"sliceable: {sorted(by_id)}")
             for uid, k in keep_given.items():
                 by_id[uid].keep = max(int(self.options["min_channels"]), min(by_id[uid].size, int(k)))
+            if self.options["compensate"] == "refit" and calibration:
+                for _ in range(2):  # the deletion is one step; refit twice so upstream refits settle
+                    self._moments = _reader_moments(self._reference, self._masked(gm, units), units, calibration)
+                    self._drifted = True
         else:
-            self._greedy(gm, units, evaluator, budget, ctx, result)
+            self._greedy(gm, units, evaluator, budget, accuracy_drop, ctx, result)
         error = evaluator.error(self._masked(gm, units)) if evaluator is not None else float("nan")
+        if evaluator is not None and evaluator.labelled:
+            result.stats.update({"accuracy_before": evaluator.base_accuracy, "accuracy_after": evaluator.accuracy})
 
         macs_before = count_macs(gm)
         for unit in units:
@@ -539,7 +658,7 @@ class Slice(Pass):
         ir.propagate_shapes(gm, ctx.example_inputs)
         macs_after = count_macs(gm)
         result.stats.update({
-            "method": method, "budget": budget, "error": error, "macs_before": macs_before, "macs_after": macs_after,
+            "method": method, "budget": budget, "accuracy_drop": accuracy_drop, "error": error, "macs_before": macs_before, "macs_after": macs_after,
             "keep": {u.id: u.keep for u in units},
             "dropped": {u.id: sorted(int(j) for j in u.order[u.keep:]) for u in units if u.keep < u.size},
             "spaces": {u.id: {"groups": sorted({sp.group.value for sp, _ in u.members}), "size": u.size,
@@ -547,9 +666,11 @@ class Slice(Pass):
                               "members": [sp.id for sp, _ in u.members],
                               "site": u.space.sites[0] if u.space.sites else ""} for u in units},
         })
+        accuracy = (f"; top-1 {evaluator.base_accuracy:.2f}% -> {evaluator.accuracy:.2f}% on labelled calibration "
+                    f"(allowed drop {accuracy_drop})" if evaluator is not None and evaluator.labelled else "")
         result.notes.append(f"method={method}: MACs {macs_before:,} -> {macs_after:,} "
                             f"({macs_before / max(macs_after, 1):.2f}x fewer); output error {error:.3g} "
-                            f"(budget {budget}) on {len(eval_sets)} input set(s)")
+                            f"(budget {budget}) on {len(eval_sets)} input set(s){accuracy}")
         return result
 
     # ---------------------------------------------------------------------------------- internals
@@ -601,30 +722,31 @@ class Slice(Pass):
         with torch.no_grad():
             for target, value in self._saved.items():
                 ir.get_tensor(gm, target).copy_(value)
-            for unit in units:  # first the readers' mean compensation (a reader may also be a writer)
-                if unit.keep >= unit.size or not self.options["compensate"]:
+            mode = self.options["compensate"]
+            for unit in units:  # first the readers' compensation (a reader may also be a writer)
+                if not mode or (unit.keep >= unit.size and not self._drifted):
                     continue
                 dropped_base = unit.order[unit.keep:]
                 for node in unit.readers:
                     x, w, b, _ = _linear_parts(node)
-                    if b is None or not _compensable(node) or x.name not in self._moments:
+                    if b is None or not _compensable(node) or _reader_key(node) not in self._moments:
                         continue
                     weight, bias = ir.get_tensor(gm, w), ir.get_tensor(gm, b)
                     w2 = weight.reshape(weight.shape[0], weight.shape[1])  # a view: writes reach the weight
-                    m = self._moments[x.name]
+                    a, cross = self._moments[_reader_key(node)]
                     c = w2.shape[1]
-                    if self.options["compensate"] == "refit":
-                        # least squares on calibration: [W'_K, b'] = [W, b] M[:, K~] M[K~, K~]^-1, K~ = kept + bias
+                    full = torch.cat([w2.double(), bias.double()[:, None]], dim=1)  # [W, b] of the reference
+                    if mode in ("refit", "refit-once"):
+                        # least squares: [W'_K, b'] = [W, b] E[x~ x~'_K~^T] E[x~'_K~ x~'_K~^T]^-1, K~ = kept + bias
                         kept = torch.cat([unit.kept_channels(x.name, dropped_base), torch.tensor([c])])
-                        full = torch.cat([w2.double(), bias.double()[:, None]], dim=1)
-                        gram = m[kept][:, kept]
+                        gram = a[kept][:, kept]
                         gram = gram + 1e-6 * float(torch.diagonal(gram).mean()) * torch.eye(len(kept), dtype=gram.dtype)
-                        fitted = torch.linalg.solve(gram, (full @ m[:, kept]).T).T
+                        fitted = torch.linalg.solve(gram, (full @ cross[kept].T).T).T
                         w2[:, kept[:-1]] = fitted[:, :-1].to(w2.dtype)
                         bias.copy_(fitted[:, -1].to(bias.dtype))
-                    else:  # the dropped channels' means, through the bias
+                    else:  # the dropped channels' reference means, through the bias
                         dropped = unit.dropped_channels(x.name, dropped_base)
-                        bias.add_((w2[:, dropped].double() @ m[dropped, c]).to(bias.dtype))
+                        bias.add_((w2[:, dropped].double() @ cross[c, dropped]).to(bias.dtype))
             for unit in units:
                 if unit.keep >= unit.size:
                     continue
@@ -641,24 +763,33 @@ class Slice(Pass):
                     t.index_fill_(axis, unit.dropped_channels(node.name, dropped_base), 0.0)
         return gm
 
-    def _greedy(self, gm, units, evaluator, budget, ctx, result) -> None:
-        if evaluator is None or budget is None:
-            raise UsageError("slice: give a budget (and calibration data) or keep={space id: channels}")
-        limit = budget * (1.0 - 1e-3)  # margin for the rounding of the final (physically sliced) graph
-        current = evaluator.error(self._masked(gm, units))
-        current_mean = evaluator.mean_error
-        by_mean = self.options["score"] == "mean"
+    def _greedy(self, gm, units, evaluator, budget, accuracy_drop, ctx, result) -> None:
+        if evaluator is None or (budget is None and accuracy_drop is None):
+            raise UsageError("slice: give a budget or an accuracy_drop (and calibration data), or keep={space id: channels}")
+        # margin for the rounding of the final (physically sliced) graph
+        limit = budget * (1.0 - 1e-3) if budget is not None else float("inf")
         if self.options["score"] not in ("mean", "max"):
             raise UsageError(f"slice: score must be 'mean' or 'max', got {self.options['score']!r}")
+        by_mean = self.options["score"] == "mean" or budget is None
+
+        def fits(err: float) -> bool:
+            if err > limit:
+                return False
+            return accuracy_drop is None or evaluator.base_accuracy - evaluator.accuracy <= accuracy_drop + 1e-9
+
+        target = self.options["target_macs"]
+        base_macs = macs_by_node(gm)
+        current = evaluator.error(self._masked(gm, units))
+        current_mean = evaluator.mean_error
         granularity = float(self.options["granularity"])
         floor = int(self.options["min_channels"])
         # Lazy greedy: each space's next move is scored (MACs saved per unit of error added) when it is
         # tried; after a move is taken the other scores are stale, and only the best-looking one is
         # re-measured before it is taken. Every accepted move is measured in the current state, so the
         # budget holds exactly; only the ordering is heuristic. ~2 evaluations per move instead of #spaces.
-        cache: dict[int, tuple[float, float, bool]] = {}  # space id -> (gain, error, fresh)
+        cache: dict[int, tuple] = {}  # space id -> (gain, error, fresh, mean, fits)
         done: set[int] = set()
-        evaluations = 0
+        evaluations = refits = 0
 
         def step_of(plan):
             return max(1, round(plan.size * granularity))
@@ -668,37 +799,38 @@ class Slice(Pass):
             step = step_of(plan)
             plan.keep -= step
             err = evaluator.error(self._masked(gm, units))
+            ok = fits(err)
             plan.keep += step
             evaluations += 1
             if by_mean:
                 gain = plan.macs_per_channel * step / max(evaluator.mean_error - current_mean, 1e-12)
             else:
                 gain = plan.macs_per_channel * step / max(err - current, 1e-9 * max(limit, 1e-12))
-            return gain, err, evaluator.mean_error
+            return gain, err, True, evaluator.mean_error, ok
 
         while True:
+            if target is not None and _macs_after(base_macs, units) <= float(target):
+                break
             live = [p for p in units if p.id not in done and p.keep - step_of(p) >= floor]
             if not live:
                 break
             for plan in live:
                 if plan.id not in cache:
-                    gain, err, mean = measure(plan)
-                    cache[plan.id] = (gain, err, True, mean)
-            feasible = [p for p in live if cache[p.id][1] <= limit or not cache[p.id][2]]
+                    cache[plan.id] = measure(plan)
+            feasible = [p for p in live if cache[p.id][4] or not cache[p.id][2]]
             if not feasible:
                 break
             plan = max(feasible, key=lambda p: cache[p.id][0])
-            gain, err, fresh, mean = cache[plan.id]
+            gain, err, fresh, mean, ok = cache[plan.id]
             if not fresh:
-                gain, err, mean = measure(plan)
-                cache[plan.id] = (gain, err, True, mean)
-                if err > limit:
+                cache[plan.id] = gain, err, fresh, mean, ok = measure(plan)
+                if not ok:
                     done.add(plan.id)
                     continue
                 others = [cache[p.id][0] for p in feasible if p is not plan]
                 if others and gain < max(others):
                     continue  # re-rank with the fresh score
-            elif err > limit:
+            elif not ok:
                 done.add(plan.id)
                 continue
             if not ctx.allow_rewrite():
@@ -706,9 +838,22 @@ class Slice(Pass):
                 break
             plan.keep -= step_of(plan)
             current, current_mean = err, mean
+            if self.options["compensate"] == "refit" and self._calibration:
+                # refit after every step: the readers reproduce their reference outputs from what they now
+                # receive (earlier deletions included); kept only if the result still fits the budget
+                saved = self._moments, self._drifted
+                self._moments = _reader_moments(self._reference, self._masked(gm, units), units, self._calibration)
+                self._drifted = True
+                err = evaluator.error(self._masked(gm, units))
+                refits += 1
+                if fits(err):
+                    current, current_mean = err, evaluator.mean_error
+                else:
+                    self._moments, self._drifted = saved
             del cache[plan.id]
-            cache.update({k: (g, e, False, m) for k, (g, e, _, m) in cache.items()})
+            cache.update({k: (v[0], v[1], False, v[3], v[4]) for k, v in cache.items()})
         result.stats["evaluations"] = evaluations
+        result.stats["refits"] = refits
         self._masked(gm, units)
 
     def _delete(self, gm, unit: _Unit) -> None:

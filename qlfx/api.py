@@ -101,11 +101,38 @@ def load_calibration(calibration, example_inputs: Sequence[torch.Tensor]) -> lis
     return sets
 
 
+def load_labels(labels, sets: list[tuple[torch.Tensor, ...]]) -> list[torch.Tensor | None]:
+    """Labels -> one integer tensor per calibration set (negative entries: unlabelled samples).
+    Accepts a tensor/array with one label per calibration sample (split like the calibration batch),
+    or a list with one entry (tensor or None) per calibration set."""
+    if labels is None:
+        return []
+    if not sets:
+        raise UsageError("labels were given without calibration data: pass calibration=inputs with labels=targets")
+    if isinstance(labels, np.ndarray):
+        labels = torch.from_numpy(labels)
+    if isinstance(labels, torch.Tensor):
+        sizes = [s[0].shape[0] for s in sets]
+        if labels.dim() == 0 or labels.shape[0] != sum(sizes):
+            raise UsageError(f"labels have shape {tuple(labels.shape)} but the calibration data holds {sum(sizes)} "
+                             f"samples: give one label per calibration sample (negative: unlabelled)")
+        parts = list(labels.split(sizes))
+    else:
+        parts = [None if y is None else torch.as_tensor(y) for y in labels]
+        if len(parts) != len(sets):
+            raise UsageError(f"{len(parts)} label entries for {len(sets)} calibration sets: give one per set")
+    for y in parts:
+        if y is not None and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+            raise UsageError(f"labels must be integer class indices, got dtype {y.dtype}")
+    return [None if y is None else y.long() for y in parts]
+
+
 def compile(
     model: nn.Module,
     passes: str | Iterable[str | Pass] | None = DEFAULT_PIPELINE,
     example_inputs: Sequence[torch.Tensor] | torch.Tensor | None = None,
     calibration: Any = None,
+    labels: Any = None,
     verify: bool = True,
     tolerance: Tolerance | float | None = None,
     instruments: Sequence[Any] = (),
@@ -117,6 +144,9 @@ def compile(
     """Trace ``model`` and run ``passes`` on it, checking equivalence after every pass.
 
     ``tolerance``: a float (relative to max|reference|, see :mod:`qlfx.verify`) or a Tolerance.
+    ``calibration``: inputs the passes measure statistics on and every check runs on; ``labels``: their
+    class indices (one per sample, negative for unlabelled ones), for accuracy budgets of lossy passes
+    such as ``slice<accuracy_drop=0.5>``.
     The user's model is never modified: tracing works on a deep copy.
     """
     example_inputs = ir.check_example_inputs(example_inputs)
@@ -126,8 +156,9 @@ def compile(
     start = time.perf_counter()
     gm = ir.trace(model, example_inputs, leaf_modules=leaf_modules)
     trace_seconds = time.perf_counter() - start
-    ctx = PassContext(example_inputs=tuple(example_inputs),
-                      calibration=load_calibration(calibration, example_inputs), config=dict(config or {}))
+    sets = load_calibration(calibration, example_inputs)
+    ctx = PassContext(example_inputs=tuple(example_inputs), calibration=sets, labels=load_labels(labels, sets),
+                      config=dict(config or {}))
     if isinstance(tolerance, (int, float)):
         tolerance = Tolerance(rel=float(tolerance))
     manager = PassManager(pipeline, instruments=instruments, verify=verify, tolerance=tolerance,

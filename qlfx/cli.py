@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--time-passes", action="store_true", help="print each pass's time as it finishes")
     run.add_argument("--dump-dir", metavar="DIR", help="write every stage (000_input.py, 001_fold-bn.py, ... + .dot/.svg) here")
     run.add_argument("--calibration", metavar="FILE.npy", help="calibration inputs [N,C,H,W], also used by the checks")
+    run.add_argument("--labels", metavar="FILE.npy",
+                     help="integer class labels [N] of the calibration inputs (negative: unlabelled), for accuracy "
+                          "budgets such as slice<accuracy_drop=0.5>")
     run.add_argument("--tolerance", type=float, metavar="REL",
                      help="relative tolerance of the checks: max|new-ref| <= REL * max|ref| (default by dtype; fp32 1e-4)")
     run.add_argument("--no-verify", action="store_true", help="skip the equivalence checks (not recommended)")
@@ -163,7 +166,7 @@ def cmd_run(args) -> int:
     from .api import compile as qlfx_compile
     from .errors import EquivalenceError, UsageError
     from .io import atomic_write
-    from .loading import load_array, load_model
+    from .loading import load_array, load_labels, load_model
 
     if args.emit and not args.output:
         raise UsageError("--emit needs -o PATH")
@@ -199,9 +202,12 @@ def cmd_run(args) -> int:
     if collector:
         instruments.append(collector)
     calibration = load_array(args.calibration) if args.calibration else None
+    if args.labels and calibration is None:
+        raise UsageError("--labels needs --calibration: the labels belong to the calibration inputs")
+    labels = load_labels(args.labels) if args.labels else None
     title = f"qlfx run {args.model} --passes {args.passes}"
     try:
-        compiled = qlfx_compile(model, passes=args.passes, example_inputs=example, calibration=calibration,
+        compiled = qlfx_compile(model, passes=args.passes, example_inputs=example, calibration=calibration, labels=labels,
                                 verify=not args.no_verify, tolerance=args.tolerance, instruments=instruments,
                                 leaf_modules=args.leaf, seed=args.seed)
     except EquivalenceError as err:

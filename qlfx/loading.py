@@ -74,14 +74,27 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return dims
 
 
-def load_array(path: str) -> torch.Tensor:
+def _read_npy(path: str, what: str) -> np.ndarray:
     p = Path(path)
     if not p.is_file():
-        raise UsageError(f"calibration file '{p}' does not exist")
+        raise UsageError(f"{what} file '{p}' does not exist")
     try:
-        arr = np.load(p, allow_pickle=False)
+        return np.load(p, allow_pickle=False)
     except Exception as err:
         raise UsageError(f"cannot read '{p}' as a .npy array: {err}") from err
+
+
+def load_array(path: str) -> torch.Tensor:
+    """Calibration inputs from a float .npy file."""
+    arr = _read_npy(path, "calibration")
     if not np.issubdtype(arr.dtype, np.floating):
-        raise UsageError(f"calibration array '{p}' has dtype {arr.dtype}; a float array is needed")
+        raise UsageError(f"calibration array '{path}' has dtype {arr.dtype}; a float array is needed")
     return torch.from_numpy(np.ascontiguousarray(arr)).float()
+
+
+def load_labels(path: str) -> torch.Tensor:
+    """Class labels from an integer .npy file (one per calibration sample; negative: unlabelled)."""
+    arr = _read_npy(path, "labels")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise UsageError(f"labels array '{path}' has dtype {arr.dtype}; integer class indices are needed")
+    return torch.from_numpy(np.ascontiguousarray(arr)).long()

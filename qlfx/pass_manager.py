@@ -6,7 +6,9 @@ before the pass survives as the reference and as the last good graph):
 
 - ``exact``: outputs are bit-identical (checked with tolerance 0);
 - ``equivalent``: the same function up to float rounding (checked with the dtype tolerance);
-- ``lossy``: changes the function within a budget the user sets (checked against that budget).
+- ``lossy``: changes the function within a budget the user sets (checked against that budget): an
+  output-error bound ``budget`` (relative, like the tolerance above) and/or ``accuracy_drop``, the
+  most top-1 accuracy (percentage points) it may lose on the labelled calibration data.
 
 Pipelines are lists of names/Pass objects or strings ``"fold-bn,dce"``; options go in angle brackets,
 LLVM style: ``"slice<budget=0.01>,dce"``.
@@ -23,7 +25,7 @@ import torch.fx as fx
 
 from . import ir
 from .errors import EquivalenceError, UnknownPassError, UsageError
-from .verify import EquivalenceCheck, Tolerance, check_equivalence, first_divergence, random_inputs
+from .verify import EquivalenceCheck, Tolerance, check_accuracy, check_equivalence, first_divergence, random_inputs
 
 CONTRACTS = ("exact", "equivalent", "lossy")
 
@@ -70,6 +72,12 @@ class Pass:
 
     def run(self, gm: fx.GraphModule, ctx: "PassContext") -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def lossy_budgets(self) -> tuple[float | None, float | None]:
+        """For a lossy pass: (relative output-error budget, accuracy drop in points), None where not set.
+        The pass manager checks the pass against each one that is set."""
+        budget, drop = self.options.get("budget"), self.options.get("accuracy_drop")
+        return (None if budget is None else float(budget)), (None if drop is None else float(drop))
 
     def __repr__(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options.items() if self.option_defaults.get(k) != v)
@@ -176,6 +184,8 @@ class PassContext:
 
     example_inputs: tuple[torch.Tensor, ...]
     calibration: list[tuple[torch.Tensor, ...]] = field(default_factory=list)
+    # Per calibration set, its labels (negative: unlabelled sample) or None; empty when none were given.
+    labels: list[torch.Tensor | None] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
     # For bisection: the most rewrites a pass may apply (None: no limit). Passes that rewrite site by
     # site call ``ctx.allow_rewrite()`` before each one.
@@ -222,6 +232,8 @@ class Report:
         out += [fmt.format(*l) for l in lines]
         notes = []
         for r in self.rows:
+            if r.check is not None and r.check.accuracy is not None:
+                notes.append(f"  [{r.pass_name}] checked {r.check.accuracy}")
             if r.result is None:
                 continue
             for s in r.result.skipped:
@@ -238,6 +250,9 @@ class Report:
              "params": r.params, "nonzero": r.nonzero,
              "max_abs": r.check.max_abs if r.check else None, "max_rel": r.check.max_rel if r.check else None,
              "tol_needed": r.check.needed if r.check else None,
+             "accuracy": (None if r.check is None or r.check.accuracy is None else
+                          {"before": r.check.accuracy.before, "after": r.check.accuracy.after,
+                           "samples": r.check.accuracy.samples, "allowed_drop": r.check.accuracy.allowed_drop}),
              "rewrites": r.result.rewrites if r.result else [],
              "skipped": [str(s) for s in r.result.skipped] if r.result else []}
             for r in self.rows
@@ -248,7 +263,8 @@ class PassManager:
     """Runs passes in order; after each one checks the new graph against the graph before it.
 
     ``tolerance`` overrides the dtype default for ``equivalent`` passes; a ``lossy`` pass is checked
-    against ``ctx.config[pass name]["budget"]`` (a relative tolerance) or its own ``budget`` option.
+    against its own budgets (:meth:`Pass.lossy_budgets`): ``budget``, a relative output tolerance, and
+    ``accuracy_drop``, top-1 points on the labelled calibration sets.
     """
 
     def __init__(self, passes: Sequence[Pass], instruments: Sequence[Any] = (), verify: bool = True,
@@ -264,11 +280,27 @@ class PassManager:
         if p.contract == "exact":
             return Tolerance.exact()
         if p.contract == "lossy":
-            budget = p.options.get("budget")
-            if budget is None:
-                raise UsageError(f"lossy pass '{p.name}' needs a budget: {p.name}<budget=0.01>")
-            return Tolerance(rel=float(budget), abs=self.tolerance.abs)
+            budget, drop = p.lossy_budgets()
+            if budget is None and drop is None:
+                raise UsageError(f"lossy pass '{p.name}' needs a budget: {p.name}<budget=0.01> (relative output "
+                                 f"error) or {p.name}<accuracy_drop=0.5> (points, on labelled calibration data)")
+            # only an accuracy budget: outputs may move freely, but a new NaN/Inf still fails
+            return Tolerance(rel=float("inf") if budget is None else budget, abs=self.tolerance.abs)
         return self.tolerance
+
+    @staticmethod
+    def labelled_sets(ctx: "PassContext"):
+        """(input sets, labels) of the calibration sets that carry labels."""
+        pairs = [(s, y) for s, y in zip(ctx.calibration, ctx.labels) if y is not None]
+        return [s for s, _ in pairs], [y for _, y in pairs]
+
+    def _check_labels_for(self, p: Pass, ctx: "PassContext") -> None:
+        if p.contract == "lossy" and p.lossy_budgets()[1] is not None:
+            _, labels = self.labelled_sets(ctx)
+            if not any(bool((y >= 0).any()) for y in labels):
+                raise UsageError(f"'{p.name}' has an accuracy budget but no calibration sample is labelled: pass "
+                                 f"labels with the calibration data (qlfx.compile(..., calibration=x, labels=y); "
+                                 f"CLI: --calibration x.npy --labels y.npy)")
 
     def input_sets(self, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
         return random_inputs(ctx.example_inputs, self.seed, self.verify_inputs) + list(ctx.calibration)
@@ -296,6 +328,8 @@ class PassManager:
         for index, p in enumerate(self.passes, start=1):
             for inst in self.instruments:
                 inst.before_pass(index, p, gm)
+            if self.verify:
+                self._check_labels_for(p, ctx)
             candidate = ir.copy_graph_module(gm)
             ctx._rewrites_done = 0
             start = time.perf_counter()
@@ -312,6 +346,8 @@ class PassManager:
                 tol = self._tolerance_for(p)
                 inputs = self.input_sets(ctx)
                 check = check_equivalence(gm, candidate, inputs, tol)
+                if p.contract == "lossy" and p.lossy_budgets()[1] is not None:
+                    check.accuracy = check_accuracy(gm, candidate, *self.labelled_sets(ctx), p.lossy_budgets()[1])
                 if not check.passed:
                     divergence = first_divergence(gm, candidate, inputs[0], tol)
                     params, nonzero = ir.count_params(candidate)

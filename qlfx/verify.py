@@ -3,7 +3,9 @@
 The rule, per output: ``max|new - ref| <= tol * max|ref| + atol`` where ``tol`` defaults by dtype
 (fp32: 1e-4, fp64: 1e-10, fp16/bf16: 1e-2) and ``atol`` defaults to 0. The smallest ``tol`` that would
 have passed (``needed``) is ``max|new - ref| / max|ref|``. A NaN or Inf in a new output where the
-reference value is finite always fails. When outputs fail, :func:`first_divergence` runs both graphs
+reference value is finite always fails. A lossy pass may also be held to an accuracy budget on labelled
+calibration data (:class:`AccuracyCheck`: top-1 of the first output, labels < 0 are unlabelled samples;
+the drop in percentage points must not exceed the allowed one). When outputs fail, :func:`first_divergence` runs both graphs
 node by node and names the first value (in the new graph's order) that is present in both graphs and
 differs beyond the same rule.
 """
@@ -55,13 +57,36 @@ class OutputComparison:
 
 
 @dataclass
-class EquivalenceCheck:
-    outputs: list[OutputComparison] = field(default_factory=list)
-    inputs_checked: int = 0
+class AccuracyCheck:
+    """Top-1 accuracy (percent) of the reference and the candidate on labelled samples."""
+
+    before: float
+    after: float
+    samples: int
+    allowed_drop: float
+
+    @property
+    def drop(self) -> float:
+        return self.before - self.after
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
+        return self.drop <= self.allowed_drop + 1e-9
+
+    def __str__(self) -> str:
+        return (f"top-1 {self.before:.2f}% -> {self.after:.2f}% on {self.samples} labelled samples: drop "
+                f"{self.drop:.2f} points (allowed {self.allowed_drop:.2f})")
+
+
+@dataclass
+class EquivalenceCheck:
+    outputs: list[OutputComparison] = field(default_factory=list)
+    inputs_checked: int = 0
+    accuracy: AccuracyCheck | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs) and (self.accuracy is None or self.accuracy.passed)
 
     @property
     def max_abs(self) -> float:
@@ -77,7 +102,8 @@ class EquivalenceCheck:
 
     def summary(self) -> str:
         bad = [o for o in self.outputs if not o.passed] or self.outputs
-        return "; ".join(str(o) for o in bad) + f" over {self.inputs_checked} input set(s)"
+        text = "; ".join(str(o) for o in bad) + f" over {self.inputs_checked} input set(s)"
+        return text + (f"; {self.accuracy}" if self.accuracy is not None else "")
 
 
 @dataclass
@@ -134,7 +160,8 @@ def compare_tensor(ref: torch.Tensor, new: torch.Tensor, tol: Tolerance, index: 
     needed = max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else float("inf"))
     if new_nonfinite:
         needed = float("inf")
-    allowed = tol.rel_for(ref.dtype) * ref_max + tol.abs
+    rel = tol.rel_for(ref.dtype)
+    allowed = (rel * ref_max if ref_max > 0 else 0.0) + tol.abs  # rel may be inf (no output budget)
     passed = new_nonfinite == 0 and max_abs <= allowed
     return OutputComparison(index, tuple(new64.shape), max_abs, max_rel, ref_max, needed,
                             tol.rel_for(ref.dtype), new_nonfinite, passed)
@@ -163,6 +190,38 @@ def check_equivalence(reference: torch.nn.Module, candidate: torch.nn.Module,
         for i, (r, n) in enumerate(zip(refs, news)):
             worst[i] = _merge(worst[i], compare_tensor(r, n, tol, i))
     return EquivalenceCheck([w for w in worst if w is not None], len(input_sets))
+
+
+def top1_correct(output: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct, labelled) for class scores ``output`` [N, classes, ...] and ``labels`` [N, ...];
+    negative labels mark unlabelled samples and are not counted."""
+    if output.dim() < 2 or tuple(labels.shape) != (output.shape[0],) + tuple(output.shape[2:]):
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not match class scores of shape "
+                         f"{tuple(output.shape)}: one label per sample (and per position beyond the class axis)")
+    known = labels >= 0
+    return int(((output.argmax(1) == labels) & known).sum()), int(known.sum())
+
+
+def accuracy(gm: torch.nn.Module, input_sets: Sequence[Sequence[torch.Tensor]],
+             labels: Sequence[torch.Tensor | None]) -> tuple[float, int]:
+    """(top-1 percent, labelled samples) of the first output over the labelled input sets."""
+    correct = total = 0
+    for inputs, target in zip(input_sets, labels):
+        if target is None:
+            continue
+        c, n = top1_correct(run_outputs(gm, inputs)[0], target)
+        correct, total = correct + c, total + n
+    return (100.0 * correct / total if total else float("nan")), total
+
+
+def check_accuracy(reference: torch.nn.Module, candidate: torch.nn.Module,
+                   input_sets: Sequence[Sequence[torch.Tensor]], labels: Sequence[torch.Tensor | None],
+                   max_drop: float) -> AccuracyCheck:
+    before, samples = accuracy(reference, input_sets, labels)
+    if samples == 0:
+        raise ValueError("an accuracy budget needs labelled calibration samples; none are labelled")
+    after, _ = accuracy(candidate, input_sets, labels)
+    return AccuracyCheck(before, after, samples, float(max_drop))
 
 
 def record_values(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -250,3 +250,30 @@ def test_zoo_models_are_seeded_so_run_and_compare_agree(tmp_path, capsys):
     assert main(["run", "qlnet-tiny", "--emit", "onnx", "-o", str(path)]) == EXIT_OK
     assert main(["compare", "qlnet-tiny", str(path)]) == EXIT_OK
     assert "PASS" in capsys.readouterr().out
+
+
+def test_run_with_labelled_calibration_and_an_accuracy_budget(tmp_path, capsys):
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((16, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", np.arange(16) % 10)
+    np.save(tmp_path / "yf.npy", (np.arange(16) % 10).astype(np.float32))
+    passes = ["--passes", "fold-bn,slice<accuracy_drop=100;random_inputs=0>"]
+    code = main(["run", *MODEL, *passes, "--calibration", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK, out
+    assert "[slice] checked top-1" in out and "on 16 labelled samples" in out
+    import json
+
+    row = json.loads((tmp_path / "r.json").read_text())[-1]
+    assert row["pass"] == "slice" and row["accuracy"]["samples"] == 16 and row["accuracy"]["allowed_drop"] == 100
+    # labels without calibration, float labels, no labels for an accuracy budget: usage errors
+    assert main(["run", *MODEL, *passes, "--labels", str(tmp_path / "y.npy")]) == EXIT_USAGE
+    assert "--labels needs --calibration" in capsys.readouterr().err
+    assert main(["run", *MODEL, *passes, "--calibration", str(tmp_path / "x.npy"),
+                 "--labels", str(tmp_path / "yf.npy")]) == EXIT_USAGE
+    assert "integer class indices" in capsys.readouterr().err
+    assert main(["run", *MODEL, *passes, "--calibration", str(tmp_path / "x.npy")]) == EXIT_USAGE
+    assert "no calibration sample is labelled" in capsys.readouterr().err

@@ -145,3 +145,64 @@ def test_provenance_names_the_pass_that_made_nodes():
     for n in gm.graph.nodes:
         if n.op != "output":
             assert "tensor_meta" in n.meta, n.name
+
+
+class NegateLogits(Pass):
+    """A lossy pass that multiplies the class scores by ``scale``: with scale -1 the argmax becomes the
+    argmin, so no accuracy budget can hold."""
+
+    name = "negate-logits"
+    description = "lossy on purpose"
+    contract = "lossy"
+    option_defaults = {"budget": None, "accuracy_drop": None, "scale": -1.0}
+
+    def run(self, gm, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        with gm.graph.inserting_before(out):
+            scaled = gm.graph.call_function(torch.mul, (out.args[0], float(self.options["scale"])))
+        out.args = (scaled,)
+        return PassResult(changed=True)
+
+
+def _labelled_data(model, n=64):
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return x, model(x).argmax(1)
+
+
+def test_accuracy_budget_of_a_lossy_pass_is_checked_on_labelled_calibration():
+    model = _model()
+    x, y = _labelled_data(model)
+    with pytest.raises(qlfx.EquivalenceError) as info:
+        qlfx.compile(model, passes=[NegateLogits(accuracy_drop=5.0)], example_inputs=(x[:8],), calibration=x, labels=y)
+    err = info.value
+    assert err.pass_name == "negate-logits" and err.check.accuracy is not None
+    assert err.check.accuracy.before == 100.0 and err.check.accuracy.drop > 5.0
+    assert "top-1" in str(err) and "allowed 5.00" in str(err)
+    # scaling by 2 keeps every argmax: no accuracy lost, and with no output budget the change is allowed
+    c = qlfx.compile(model, passes=[NegateLogits(accuracy_drop=0.0, scale=2.0)], example_inputs=(x[:8],),
+                     calibration=x, labels=y)
+    check = c.report.rows[-1].check
+    assert check.passed and check.accuracy.drop == 0.0 and check.needed == pytest.approx(1.0, rel=1e-5)
+    # an output budget given as well is checked too
+    with pytest.raises(qlfx.EquivalenceError, match="needs tol"):
+        qlfx.compile(model, passes=[NegateLogits(accuracy_drop=0.0, budget=0.5, scale=2.0)], example_inputs=(x[:8],),
+                     calibration=x, labels=y)
+
+
+def test_labels_are_validated_against_the_calibration_data():
+    from qlfx.errors import UsageError
+
+    model = _model()
+    x, y = _labelled_data(model)
+    lossy = NegateLogits(accuracy_drop=1.0, scale=2.0)
+    with pytest.raises(UsageError, match="one label per calibration sample"):
+        qlfx.compile(model, passes=[lossy], example_inputs=(x[:8],), calibration=x, labels=y[:10])
+    with pytest.raises(UsageError, match="integer class indices"):
+        qlfx.compile(model, passes=[lossy], example_inputs=(x[:8],), calibration=x, labels=y.float())
+    with pytest.raises(UsageError, match="without calibration"):
+        qlfx.compile(model, passes=[lossy], example_inputs=(x[:8],), labels=y)
+    with pytest.raises(UsageError, match="no calibration sample is labelled"):
+        qlfx.compile(model, passes=[lossy], example_inputs=(x[:8],), calibration=x)
+    with pytest.raises(UsageError, match="needs a budget"):
+        qlfx.compile(model, passes=[NegateLogits()], example_inputs=(x[:8],), calibration=x, labels=y)

@@ -219,3 +219,138 @@ def test_unknown_score_is_a_usage_error():
     model = CorrelatedStream().eval()
     with pytest.raises(UsageError, match="score"):
         _slice(model, "budget=0.05;score=median", _calibration())
+
+
+class TwoStreams(nn.Module):
+    """conv 1x1 (4 -> 8) -> hardtanh -> conv 1x1 (8 -> 8) -> hardtanh -> conv 1x1 (8 -> 3): two channel
+    spaces (signed permutations: no rotation), each read by one pointwise conv."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(4)
+        self.a, self.b, self.c = nn.Conv2d(4, 8, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(8, 3, 1)
+        with torch.no_grad():
+            for conv in (self.a, self.b, self.c):
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * 0.6)
+                conv.bias.copy_(torch.randn(conv.bias.shape, generator=gen) * 0.3)
+
+    def forward(self, x):
+        return self.c(torch.nn.functional.hardtanh(self.b(torch.nn.functional.hardtanh(self.a(x)))))
+
+
+def _inputs_of(gm, node_name, x):
+    seen = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            value = super().run_node(n)
+            if n.name == node_name:
+                seen["x"] = value
+            return value
+
+    with torch.no_grad():
+        out = Recorder(gm).run(x)
+    return seen["x"], out
+
+
+def test_refit_reproduces_the_reference_reader_output_from_the_sliced_input():
+    """The last reader's refit is the least-squares fit of its reference output from what it receives
+    in the sliced graph (upstream deletions and refits included) -- checked against torch.linalg.lstsq."""
+    model = TwoStreams().eval()
+    cal = _calibration()
+    c, row = _slice(model, "budget=1e30;method=magnitude;keep=1:5/2:5;random_inputs=0", cal, verify_inputs=0)
+    assert row.result.stats["keep"] == {1: 5, 2: 5}
+    gm = c.graph_module
+    reader = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.conv2d
+                  and ir.get_tensor(gm, n.args[1]).shape[0] == 3)
+    x_new, _ = _inputs_of(gm, reader.args[0].name, cal)
+    with torch.no_grad():
+        target = model(cal)  # the reference reader's output is the network output
+    rows = x_new.double().movedim(1, -1).reshape(-1, x_new.shape[1])
+    design = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
+    solution = torch.linalg.lstsq(design, target.double().movedim(1, -1).reshape(-1, 3)).solution.T
+    weight = ir.get_tensor(gm, reader.args[1]).double().reshape(3, -1)
+    bias = ir.get_tensor(gm, reader.args[2]).double()
+    assert weight.shape == (3, 5)
+    assert torch.allclose(weight, solution[:, :5], atol=1e-4), (weight, solution)
+    assert torch.allclose(bias, solution[:, 5], atol=1e-4)
+    # refitting against the unsliced upstream (refit-once) gives other weights and a larger error
+    once, _ = _slice(model, "budget=1e30;method=magnitude;keep=1:5/2:5;random_inputs=0;compensate=refit-once",
+                     cal, verify_inputs=0)
+    assert _error(model, gm, cal) < _error(model, once.graph_module, cal)
+
+
+def _labelled(model, count=256, seed=11):
+    """Inputs and the labels the model itself predicts (with a few flipped): an accuracy to lose."""
+    x = _calibration((count, 4, 6, 6), seed)
+    with torch.no_grad():
+        y = model(x).mean(dim=(2, 3)).argmax(1)
+    y[::10] = (y[::10] + 1) % 3
+    return x, y
+
+
+class Classifier(nn.Module):
+    """CorrelatedStream + global average pool: class scores [N, 3]."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = CorrelatedStream()
+        self.head = nn.Conv2d(5, 3, 1)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.randn(3, 5, 1, 1, generator=torch.Generator().manual_seed(8)))
+
+    def forward(self, x):
+        return self.head(self.body(x)).mean(dim=(2, 3))
+
+
+@pytest.mark.parametrize("drop", [0.0, 2.0])
+def test_accuracy_budget_holds_on_the_labelled_calibration_data(drop):
+    model = Classifier().eval()
+    x, _ = _labelled(model.body)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::10] = (y[::10] + 1) % 3  # 90% correct before slicing
+    c, row = _slice(model, f"accuracy_drop={drop};random_inputs=0", x, labels=y, verify_inputs=0)
+    stats = row.result.stats
+    assert stats["budget"] is None and stats["accuracy_drop"] == drop
+    assert stats["accuracy_before"] == pytest.approx(90.0, abs=0.5)
+    assert stats["accuracy_before"] - stats["accuracy_after"] <= drop + 1e-9
+    assert stats["macs_after"] < stats["macs_before"]
+    # the pass manager checked the same budget on the same labelled data
+    assert row.check.accuracy is not None and row.check.accuracy.passed
+    assert row.check.accuracy.samples == len(y)
+    with torch.no_grad():
+        after = float((c.graph_module(x).argmax(1) == y).double().mean()) * 100
+    assert after == pytest.approx(stats["accuracy_after"]) and 90.0 - after <= drop + 0.5
+
+
+def test_accuracy_budget_without_labels_is_a_usage_error():
+    model = Classifier().eval()
+    x, _ = _labelled(model.body)
+    with pytest.raises(UsageError, match="labelled"):
+        _slice(model, "accuracy_drop=0.5", x)
+    with pytest.raises(UsageError, match="labelled"):  # all samples marked unlabelled
+        _slice(model, "accuracy_drop=0.5", x, labels=torch.full((len(x),), -1))
+
+
+def test_unlabelled_samples_do_not_count_towards_the_accuracy():
+    model = Classifier().eval()
+    x, _ = _labelled(model.body)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[: len(y) // 2] = -1
+    _, row = _slice(model, "accuracy_drop=1.0;random_inputs=0", x, labels=y, verify_inputs=0)
+    assert row.result.stats["accuracy_before"] == 100.0
+    assert row.check.accuracy.samples == len(y) // 2
+
+
+def test_target_macs_stops_the_search_at_a_cost():
+    model = CorrelatedStream().eval()
+    cal = _calibration()
+    full = count_macs(qlfx.compile(model, [], example_inputs=(cal[:8],)).graph_module)
+    c, row = _slice(model, f"method=magnitude;budget=1e30;target_macs={full // 2};random_inputs=0", cal,
+                    verify_inputs=0)
+    after = row.result.stats["macs_after"]
+    assert after == count_macs(c.graph_module)
+    # one deletion step (1 of 16 channels) past the target at most
+    assert full // 2 - full / 16 <= after <= full // 2, (after, full)

@@ -1,0 +1,85 @@
+"""factor: split a conv into a conv and a 1x1 conv, so the channels between them form a GL space.
+
+A conv y = W * x + b (C_out x C_in x k x k, one group) equals the same conv without its bias,
+h = W * x, followed by a 1x1 conv y = I h + b (the 1x1 weight is the identity; only the rounding of
+the bias add can differ). The new value h
+sits between two convs with nothing else touching it, so its group is GL(C_out) whatever the group of
+y is (a ReLU, a product, the paper's Eq.(3) stream pinned to permutations). `slice` can then rotate h
+to its principal axes on calibration data and delete directions: keeping r of them is the low-rank
+factorization W ~ U_r (U_r^T W), with U_r the principal subspace of the conv's outputs, and costs
+r (C_in k^2 + C_out) MACs per output pixel instead of C_out C_in k^2. That pays when
+
+    r < r* = C_out C_in k^2 / (C_in k^2 + C_out);
+
+where `slice` did not get that far, `merge-pointwise` multiplies the two convs back together.
+
+Which convs: one group, a constant weight, at least ``min_share`` of the graph's conv/linear MACs,
+an r* of at least 2, and an output whose channel space has no rotations of its own (an O/GL space is
+one `slice` shrinks directly -- its writers and readers all at once; ``all=true`` factors those too).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.fx as fx
+
+from qlfx import ir
+from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
+
+
+def _conv_macs(gm: fx.GraphModule, conv: ir.ConvCall) -> int:
+    weight = ir.get_tensor(gm, conv.weight)
+    return math.prod(weight.shape[1:]) * math.prod(ir.shape(conv.node)[1:])
+
+
+def break_even_rank(weight_shape) -> float:
+    """r* = C_out C_in k^2 / (C_in k^2 + C_out): inner widths below it need fewer MACs than the conv."""
+    c_out, fan_in = weight_shape[0], math.prod(weight_shape[1:])
+    return c_out * fan_in / (fan_in + c_out)
+
+
+@register_pass
+class Factor(Pass):
+    name = "factor"
+    description = "split convs into conv + identity 1x1 conv: a GL channel space slice can shrink (low-rank factorization)"
+    contract = "equivalent"  # the bias moves to a separate add: the same value up to rounding
+    option_defaults = {"min_share": 0.05, "all": False}
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        from qlfx.symmetry import analyze
+
+        result = PassResult(changed=False)
+        convs = [c for c in map(ir.ConvCall.of, gm.graph.nodes) if c is not None and ir.shape(c.node) is not None]
+        total = sum(_conv_macs(gm, c) for c in convs if c.weight.op == "get_attr") or 1
+        report = analyze(gm)
+        for conv in convs:
+            node = conv.node
+            if conv.groups != 1 or conv.weight.op != "get_attr":
+                continue  # depthwise / grouped convs and computed weights: nothing to factor
+            share = _conv_macs(gm, conv) / total
+            weight = ir.get_tensor(gm, conv.weight)
+            if share < float(self.options["min_share"]):
+                continue
+            if break_even_rank(weight.shape) < 2:
+                result.skipped.append(Skip(node.name, f"no inner width pays (r* = {break_even_rank(weight.shape):.1f})"))
+                continue
+            groups = {report.spaces[i].group.value for i in report.spaces_of(node.name)}
+            if groups & {"O", "GL"} and not self.options["all"]:
+                result.skipped.append(Skip(node.name, "its output space already rotates (O/GL): slice shrinks it directly"))
+                continue
+            if not ctx.allow_rewrite():
+                break
+            c_out = weight.shape[0]
+            identity = torch.eye(c_out, dtype=weight.dtype).reshape(c_out, c_out, 1, 1)
+            bias = conv.bias
+            conv.set_args(bias=None)
+            with gm.graph.inserting_after(node):
+                eye = ir.constant_node(gm, identity, f"{node.name}_factor")
+            with gm.graph.inserting_after(eye):
+                pointwise = gm.graph.call_function(torch.conv2d, (node, eye, bias, (1, 1), (0, 0), (1, 1), 1))
+            node.replace_all_uses_with(pointwise, delete_user_cb=lambda user: user is not pointwise)
+            result.rewrites.append(f"{node.name}: {tuple(weight.shape)} -> conv to {c_out} + 1x1 "
+                                   f"(pays below {break_even_rank(weight.shape):.1f} inner channels; {share:.0%} of MACs)")
+            result.changed = True
+        return result
