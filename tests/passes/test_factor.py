@@ -126,3 +126,19 @@ def test_factor_min_share_selects_convs(share):
     c = qlfx.compile(model, f"fold-bn,factor<min_share={share}>", example_inputs=(x[:4],))
     changed = c.report.rows[-1].changed
     assert changed == (share == 0.0)
+
+
+@pytest.mark.parametrize("name", ["qlnet-tiny", "qlnet-eq3-tiny"])
+def test_factor_then_merge_on_zoo_layouts_with_random_bn(name):
+    from qlfx.models import create_model, default_input_shape
+
+    model = randomize_batchnorm(create_model(name).eval(), 5)
+    shape = (2, *default_input_shape(name)[1:])
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    c = qlfx.compile(model, "fold-bn,factor<min_share=0;all=true>,merge-pointwise", example_inputs=(x,))
+    factor_row, merge_row = c.report.rows[-2], c.report.rows[-1]
+    assert factor_row.changed and factor_row.check.passed and merge_row.check.passed
+    # nothing was sliced, so every split costs more than the conv it came from and is merged back
+    assert len(merge_row.result.rewrites) == len(factor_row.result.rewrites)
+    with torch.no_grad():
+        assert rel_error(model(x), c.graph_module(x)) <= 1e-5
