@@ -236,7 +236,7 @@ def main(argv=None) -> None:
               f"test drop {base_acc - pca_row['acc']:.2f} points (shifted test {rows[0]['shifted'] - pca_row['shifted']:.2f}); "
               f"plain pruning at equal FLOPs: test drop {base_acc - mag_row['acc']:.2f} "
               f"(shifted {rows[0]['shifted'] - mag_row['shifted']:.2f})")
-        _plot(curves, Path(args.checkpoint_dir) / f"compress_digits_{arch}.png", arch)
+        _plot(curves, Path(args.checkpoint_dir) / f"compress_digits_{arch}{'_factor' if args.factor else ''}.png", arch)
 
 
 def _plot(curves: dict, path: Path, arch: str) -> None:
