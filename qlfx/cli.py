@@ -166,7 +166,7 @@ def cmd_run(args) -> int:
     from .api import compile as qlfx_compile
     from .errors import EquivalenceError, UsageError
     from .io import atomic_write
-    from .loading import load_array, load_labels, load_model
+    from .loading import load_array, load_label_array, load_model
 
     if args.emit and not args.output:
         raise UsageError("--emit needs -o PATH")
@@ -204,7 +204,7 @@ def cmd_run(args) -> int:
     calibration = load_array(args.calibration) if args.calibration else None
     if args.labels and calibration is None:
         raise UsageError("--labels needs --calibration: the labels belong to the calibration inputs")
-    labels = load_labels(args.labels) if args.labels else None
+    labels = load_label_array(args.labels) if args.labels else None
     title = f"qlfx run {args.model} --passes {args.passes}"
     try:
         compiled = qlfx_compile(model, passes=args.passes, example_inputs=example, calibration=calibration, labels=labels,

@@ -92,7 +92,7 @@ def load_array(path: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).float()
 
 
-def load_labels(path: str) -> torch.Tensor:
+def load_label_array(path: str) -> torch.Tensor:
     """Class labels from an integer .npy file (one per calibration sample; negative: unlabelled)."""
     arr = _read_npy(path, "labels")
     if not np.issubdtype(arr.dtype, np.integer):

@@ -288,16 +288,9 @@ class PassManager:
             return Tolerance(rel=float("inf") if budget is None else budget, abs=self.tolerance.abs)
         return self.tolerance
 
-    @staticmethod
-    def labelled_sets(ctx: "PassContext"):
-        """(input sets, labels) of the calibration sets that carry labels."""
-        pairs = [(s, y) for s, y in zip(ctx.calibration, ctx.labels) if y is not None]
-        return [s for s, _ in pairs], [y for _, y in pairs]
-
     def _check_labels_for(self, p: Pass, ctx: "PassContext") -> None:
         if p.contract == "lossy" and p.lossy_budgets()[1] is not None:
-            _, labels = self.labelled_sets(ctx)
-            if not any(bool((y >= 0).any()) for y in labels):
+            if not any(y is not None and bool((y >= 0).any()) for y in ctx.labels):
                 raise UsageError(f"'{p.name}' has an accuracy budget but no calibration sample is labelled: pass "
                                  f"labels with the calibration data (qlfx.compile(..., calibration=x, labels=y); "
                                  f"CLI: --calibration x.npy --labels y.npy)")
@@ -347,7 +340,7 @@ class PassManager:
                 inputs = self.input_sets(ctx)
                 check = check_equivalence(gm, candidate, inputs, tol)
                 if p.contract == "lossy" and p.lossy_budgets()[1] is not None:
-                    check.accuracy = check_accuracy(gm, candidate, *self.labelled_sets(ctx), p.lossy_budgets()[1])
+                    check.accuracy = check_accuracy(gm, candidate, ctx.calibration, ctx.labels, p.lossy_budgets()[1])
                 if not check.passed:
                     divergence = first_divergence(gm, candidate, inputs[0], tol)
                     params, nonzero = ir.count_params(candidate)
