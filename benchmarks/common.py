@@ -96,7 +96,7 @@ def conv_flops(gm) -> tuple[int, int]:
     conv2d: 2 * N * Cout * Hout * Wout * (Cin / groups) * kh * kw;
     branch_product: both branches (a: 1x1 over C, b: its kernel over C / groups_b);  linear: 2 * rows * in * out.
     """
-    import torch.nn.functional as F
+    import torch
 
     from qlfx import ir
 
@@ -108,11 +108,11 @@ def conv_flops(gm) -> tuple[int, int]:
             n, cout, ho, wo = ir.shape(node)
             w = ir.shape(view.weight)
             conv += 2 * n * cout * ho * wo * w[1] * w[2] * w[3]
-        elif node.op == "call_function" and str(node.target) == "qlfx.branch_product.default":
+        elif ir.is_op(node, torch.ops.qlfx.branch_product.default):
             n, m, ho, wo = ir.shape(node)
             wa, wb = ir.shape(node.args[1]), ir.shape(node.args[3])
             conv += 2 * n * m * ho * wo * (wa[1] + wb[1] * wb[2] * wb[3])
-        elif node.op == "call_function" and node.target is F.linear:
+        elif ir.LinearCall.of(node) is not None:
             out = ir.shape(node)
             w = ir.shape(node.args[1])
             rows = 1

@@ -7,7 +7,7 @@
 Engines (fp32, ``--threads`` threads each, default 2):
   torch eager         the model itself under torch.no_grad
   torch.compile       inductor (n/a with the reason when it fails)
-  ort plain           onnxruntime on torch.onnx.export of the model (dynamo exporter, legacy fallback)
+  ort plain           onnxruntime on torch.onnx.export of the model (dynamo exporter; qlfx's ops translated)
   ort qlfx            onnxruntime on qlfx's ONNX (qlfx.DEFAULT_PIPELINE)
   tvm plain           TVM Relax from the plain traced graph, no qlfx passes, untuned (default schedules)
   tvm qlfx            qlfx passes + fused kernels, MetaSchedule-tuned (--trials per task, database reused)
@@ -115,18 +115,20 @@ def build_engines(name: str, batch: int, args, workdir: Path) -> tuple[list[comm
 
     # --- onnxruntime on the plain export
     def ort_plain():
+        import onnx
+
+        from qlfx.emit.onnx import TRANSLATIONS, add_functions
+
         path = workdir / f"{name}_b{batch}_plain.onnx"
-        how = "dynamo"
-        try:
-            torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["x"], external_data=False)
-        except Exception as err:  # noqa: BLE001
-            log(f"  dynamo export failed ({common.short_reason(err)}); legacy exporter")
-            torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["x"], opset_version=17)
-            how = "legacy export"
+        # The model's Hardball/Softball modules call qlfx's custom ops: torch.onnx needs their translations
+        # (the same ONNX functions qlfx emits; onnxruntime inlines them).
+        program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], verbose=False,
+                                    custom_translation_table=TRANSLATIONS)
+        onnx.save(add_functions(program.model_proto), str(path))
         session = common.ort_session(str(path), args.threads)
         feed = {session.get_inputs()[0].name: x_np}
         run = lambda: session.run(None, feed)  # noqa: E731
-        return run, run()[0], how if how != "dynamo" else ""
+        return run, run()[0], "torch.onnx (dynamo)"
 
     add("ort plain", ort_plain)
 

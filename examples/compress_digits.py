@@ -13,23 +13,23 @@ sliced net, and ``fuse-product``. The baseline is the same ``slice`` pass with `
 (no rotation, channels ranked by weight norm, same refit): (a) at exactly the channel counts PCA kept
 ("equal FLOPs"), (b) with ``--baseline-search``, its own greedy search under the same accuracy budget.
 
-Data (train_digits.py's split): the 1,149 training images (unlabelled here: statistics only) and the
-288 validation images the model never saw, each also in ``--val-copies`` copies shifted by up to 2
-pixels (the training augmentation), labelled: the accuracy budget is measured on those. The 360 test
-images are used only to report: nothing is chosen on them. ``--target-drop`` names the budget whose
-row is the headline result.
+Data (train_digits.py's split): the 1,149 training images (unlabelled here: statistics only; the last
+few are left out so the calibration set is a whole number of 32-image batches, the batch the graph is
+captured at) and the 288 validation images the model never saw, each also in ``--val-copies`` copies
+shifted by up to 2 pixels (the training augmentation), labelled: the accuracy budget is measured on
+those. The 360 test images are used only to report: nothing is chosen on them. ``--target-drop`` names
+the budget whose row is the headline result.
 
 The table: drop on the labelled validation data, test accuracy and drop, the drop on the test images
 plus 3 shifted copies of each ("shifted": 1,440 samples, so one image is 0.07 points instead of 0.28;
-it shows how much of a small test drop is luck), parameters, nonzeros, MACs
-(conv/linear, per image, from the graph's shapes), latency (one batch of 32 images, onnxruntime via
+it shows how much of a small test drop is luck), parameters, nonzeros, MACs (``qlfx.debug.count_macs``
+per image), latency (one batch of 32 images, onnxruntime via
 ``to_onnx`` and TVM via ``to_tvm``; "n/a: reason" where an emitter fails). A PNG plot of test
 accuracy vs MACs for both methods goes next to the checkpoint.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import tempfile
@@ -37,43 +37,27 @@ import time
 from pathlib import Path
 
 import torch
-import torch.fx as fx
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_digits  # noqa: E402  (same folder: data split, model config, accuracy)
 
 import qlfx  # noqa: E402
 from qlfx import ir  # noqa: E402
+from qlfx.debug import count_macs  # noqa: E402
+from qlfx.symmetry.slicing import Runner  # noqa: E402
 
 LOSSLESS = "fold-bn,constant-fold,dce,basis-change,rebalance"
+BATCH = 32  # the graphs are captured at this batch size (a flatten holds it); every set runs in such chunks
 
 
-def count_macs(gm: fx.GraphModule) -> int:
-    """Multiply-accumulates per image: for every conv, (Cin/groups)*kh*kw per output element; for every
-    linear, in_features per output element; the fused branch product counts both of its convs."""
-    total = 0
-    for node in gm.graph.nodes:
-        out = ir.shape(node)
-        if node.op != "call_function" or out is None:
-            continue
-        per_image_out = math.prod(out[1:])
-        if node.target is torch.conv2d:
-            w = ir.get_tensor(gm, node.args[1]) if node.args[1].op == "get_attr" else None
-            wshape = tuple(w.shape) if w is not None else ir.shape(node.args[1])
-            total += math.prod(wshape[1:]) * per_image_out
-        elif node.target is F.linear:
-            wshape = ir.shape(node.args[1]) or tuple(ir.get_tensor(gm, node.args[1]).shape)
-            total += wshape[1] * per_image_out
-        elif "branch_product" in str(node.target):
-            wa = ir.get_tensor(gm, node.args[1])
-            wb = ir.get_tensor(gm, node.args[3])
-            total += (math.prod(wa.shape[1:]) + math.prod(wb.shape[1:])) * per_image_out
-    return int(total)
+def macs_per_image(compiled) -> int:
+    return count_macs(compiled.graph_module) // BATCH
 
 
-def evaluate(gm: fx.GraphModule, data) -> float:
-    return train_digits.accuracy(gm, data["x_test"], data["y_test"])
+def accuracy(compiled, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 percent of the compiled graph on any number of images (run in chunks of the captured batch)."""
+    (scores,) = Runner(compiled.example_inputs, compiled.dynamic_batch).outputs(compiled.graph_module, (x,))
+    return 100.0 * float((scores.argmax(1) == y).double().mean())
 
 
 def _median_ms(fn, warmup: int = 5, runs: int = 50) -> float:
@@ -116,21 +100,23 @@ def latency_tvm(compiled, x) -> str:
 
 def calibration_data(data, copies: int, seed: int = 0):
     """(images, labels): the training images unlabelled (-1) + the validation images and ``copies``
-    shifted copies of them, labelled."""
+    shifted copies of them, labelled; the last few training images are left out so the total is a
+    multiple of BATCH (the checks run every calibration batch through the batch-specialised graph)."""
     generator = torch.Generator().manual_seed(seed)
     x_val, y_val = data["x_val"], data["y_val"]
     shifted = [train_digits._augment(x_val, generator, 2) for _ in range(copies)]
-    images = torch.cat([data["x_train"], x_val, *shifted])
-    labels = torch.cat([torch.full((len(data["x_train"]),), -1, dtype=torch.long), y_val.repeat(copies + 1)])
+    labelled = len(x_val) * (copies + 1)
+    unlabelled = (len(data["x_train"]) + labelled) // BATCH * BATCH - labelled
+    images = torch.cat([data["x_train"][:unlabelled], x_val, *shifted])
+    labels = torch.cat([torch.full((unlabelled,), -1, dtype=torch.long), y_val.repeat(copies + 1)])
     return images, labels
 
 
 def row(label: str, compiled, data, x1, latency: bool, extra: str = "", val_drop: float | None = None) -> dict:
-    gm = compiled.graph_module
-    params, nonzero = ir.count_params(gm)
-    shifted = train_digits.accuracy(gm, *data["test_shifted"])
-    return {"label": label, "acc": evaluate(gm, data), "shifted": shifted, "params": params, "nonzero": nonzero,
-            "macs": count_macs(gm),
+    params, nonzero = ir.count_params(compiled.graph_module)
+    shifted = accuracy(compiled, *data["test_shifted"])
+    return {"label": label, "acc": accuracy(compiled, data["x_test"], data["y_test"]), "shifted": shifted,
+            "params": params, "nonzero": nonzero, "macs": macs_per_image(compiled),
             "val_drop": val_drop, "ort": latency_ort(compiled, x1) if latency else "-",
             "tvm": latency_tvm(compiled, x1) if latency else "-", "extra": extra}
 
@@ -174,8 +160,8 @@ def main(argv=None) -> None:
     generator = torch.Generator().manual_seed(123)  # a second view of the test images: 4x as many samples
     data["test_shifted"] = (torch.cat([data["x_test"], *(train_digits._augment(data["x_test"], generator, 2)
                                                          for _ in range(3))]), data["y_test"].repeat(4))
-    example = (data["x_train"][:32],)  # calibration is split into batches of 32
-    x1 = data["x_test"][:32]  # latency at the traced batch size (the emitters build for the example shape)
+    example = (data["x_train"][:BATCH],)  # calibration is split into batches of BATCH
+    x1 = data["x_test"][:BATCH]  # latency at the traced batch size (the emitters build for the example shape)
     drops = sorted({float(b) for b in args.drops.split(",") if b} | {args.target_drop})
     archs = ("qlnet", "eq3") if args.arch == "both" else (args.arch,)
     common = dict(example_inputs=example, calibration=calibration, labels=labels, verify_inputs=0)
@@ -189,7 +175,7 @@ def main(argv=None) -> None:
                              f"with `python examples/train_digits.py --out {args.checkpoint_dir}`")
         print(f"\n=== {arch}: {path.name}, trained test accuracy {checkpoint['test_accuracy']:.2f}% ===")
         lossless = qlfx.compile(model, LOSSLESS, example_inputs=example, calibration=calibration)
-        base = lossless.graph_module
+        base = lossless.graph_module.eval()  # compiled again below: qlfx.compile takes eval-mode modules
         rows = [row(f"float model ({LOSSLESS})", lossless, data, x1, not args.no_latency)]
         base_macs, base_acc = rows[0]["macs"], rows[0]["acc"]
         sparse = qlfx.compile(base, "sparsify", example_inputs=example, calibration=calibration)
@@ -214,7 +200,7 @@ def main(argv=None) -> None:
             # baseline (a): plain pruning at the channel counts PCA kept -> equal FLOPs (its accuracy is what it is);
             # with --factor the shapes differ, so it prunes until it needs at most the MACs PCA reached
             if args.factor:
-                cost = f"target_macs={rows[-1]['macs']}"
+                cost = f"target_macs={count_macs(pca.graph_module)}"
             else:
                 cost = "keep=" + "/".join(f"{k}:{v}" for k, v in stats["keep"].items())
             mag = qlfx.compile(base, f"slice<method=magnitude;{cost};accuracy_drop=100;random_inputs=0>", **common)

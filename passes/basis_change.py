@@ -54,6 +54,10 @@ class BasisChange(Pass):
         report = analyze(gm)
         ids = parse_space_ids(self.options["spaces"], len(report.spaces))
         given = {report.space(k).id: v for k, v in (self.options["elements"] or {}).items()}
+        try:  # an element outside its space's group would change the outputs: the caller's mistake
+            report.complete_elements(given, check=True)
+        except ValueError as err:
+            raise UsageError(f"basis-change: {err}") from None
         generator = torch.Generator().manual_seed(int(self.options["seed"]))
 
         # tie classes touched by a given element are not randomised (their permutation is the user's)

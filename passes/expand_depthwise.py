@@ -3,7 +3,7 @@
 A conv with ``groups = C`` and ``m*C`` outputs (channel multiplier ``m > 1``; the PDEBlock's 3x3 conv
 W -> 2W) computes output channel ``c*m + j`` from input channel ``c`` with kernel ``w[c*m + j]``.
 Repeating every input channel ``m`` times, ``x_rep[:, c*m + j] = x[:, c]``
-(``torch.repeat_interleave(x, m, dim=1)``), gives exactly the same sums from a pure depthwise conv
+(``aten.repeat_interleave.self_int(x, m, 1)``), gives exactly the same sums from a pure depthwise conv
 (``groups = m*C``, one output per input channel) with the same weights, bias, stride and padding:
 
     conv(x, w, groups=C)[c*m+j] = sum_{u,v} w[c*m+j, 0, u, v] x[c, .+u, .+v] = conv(x_rep, w, groups=mC)[c*m+j]
@@ -20,6 +20,8 @@ import torch.fx as fx
 
 from qlfx import ir
 from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
+
+REPEAT_INTERLEAVE = torch.ops.aten.repeat_interleave.self_int
 
 
 @register_pass
@@ -47,7 +49,7 @@ class ExpandDepthwise(Pass):
                 break
             multiplier = outputs // groups
             with gm.graph.inserting_before(node):
-                repeated = gm.graph.call_function(torch.repeat_interleave, (conv.input, multiplier), {"dim": 1})
+                repeated = ir.call(gm, REPEAT_INTERLEAVE, (conv.input, multiplier, 1), like=node)
             conv.set_args(input=repeated, groups=outputs)
             result.changed = True
             result.rewrites.append(f"{node.name}: multiplier {multiplier} over {groups} channels")

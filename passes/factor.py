@@ -56,11 +56,11 @@ class Factor(Pass):
 
         result = PassResult(changed=False)
         convs = [c for c in map(ir.ConvCall.of, gm.graph.nodes) if c is not None and ir.shape(c.node) is not None]
-        total = sum(_conv_macs(gm, c) for c in convs if c.weight.op == "get_attr") or 1
+        total = sum(_conv_macs(gm, c) for c in convs if ir.is_constant(c.weight)) or 1
         report = analyze(gm)
         for conv in convs:
             node = conv.node
-            if conv.groups != 1 or conv.weight.op != "get_attr":
+            if conv.groups != 1 or not ir.is_constant(conv.weight):
                 continue  # depthwise / grouped convs and computed weights: nothing to factor
             share = _conv_macs(gm, conv) / total
             weight = ir.get_tensor(gm, conv.weight)
@@ -77,13 +77,13 @@ class Factor(Pass):
                 break
             c_out = weight.shape[0]
             identity = torch.eye(c_out, dtype=weight.dtype).reshape(c_out, c_out, 1, 1)
-            bias = conv.bias
-            conv.set_args(bias=None)
-            with gm.graph.inserting_after(node):
+            # The new node is the bias-free conv; the old one becomes the 1x1 and keeps its value and name.
+            with gm.graph.inserting_before(node):
+                padding = conv.padding if isinstance(conv.padding, str) else list(conv.padding)  # 'same' stays
+                inner = ir.call(gm, node.target, (conv.input, conv.weight, None, list(conv.stride), padding,
+                                                  list(conv.dilation), 1), like=node)
                 eye = ir.constant_node(gm, identity, f"{node.name}_factor")
-            with gm.graph.inserting_after(eye):
-                pointwise = gm.graph.call_function(torch.conv2d, (node, eye, bias, (1, 1), (0, 0), (1, 1), 1))
-            node.replace_all_uses_with(pointwise, delete_user_cb=lambda user: user is not pointwise)
+            conv.set_args(input=inner, weight=eye, stride=(1, 1), padding=(0, 0), dilation=(1, 1))
             result.rewrites.append(f"{node.name}: {tuple(weight.shape)} -> conv to {c_out} + 1x1 "
                                    f"(pays below {break_even_rank(weight.shape):.1f} inner channels; {share:.0%} of MACs)")
             result.changed = True

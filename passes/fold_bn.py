@@ -4,7 +4,9 @@ An eval-mode BN is the per-channel affine map ``BN(x) = s * x + t`` with
 ``s = gamma / sqrt(var + eps)`` and ``t = beta - mean * s``. Three rewrites, tried in this order:
 
 1. **Into the op before it** (conv of any kernel/groups, or linear):
-   ``BN(W x + b) = (s W) x + (s b + t)`` — scale the output rows of W.
+   ``BN(W x + b) = (s W) x + (s b + t)`` — scale the output rows of W. Also into the ops before a
+   concatenation along channels: BN acts per channel, so ``BN(cat(z_1, .., z_k))`` is
+   ``cat(BN_1(z_1), .., BN_k(z_k))`` with ``BN_i`` the channels of piece i (MixNet's mixed kernels).
 2. **Through a branch product** (DESIGN.md §4), when the BN's only user is ``a * BN(h)`` and ``a`` is a
    conv of its own: ``a * (s h + t) = (s a) * (h + t / s)``. The scale moves into a's weights and bias;
    ``t / s`` becomes a bias of h's producer (or an added constant). Exact in real arithmetic when no
@@ -20,47 +22,15 @@ call site also reads (a conv module used twice); a conv whose output has other u
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from qlfx import ir
+from qlfx.ir import BatchNormCall
 from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
 
-
-@dataclass
-class BatchNormCall:
-    node: fx.Node
-    input: fx.Node
-    running_mean: fx.Node | None
-    running_var: fx.Node | None
-    weight: fx.Node | None
-    bias: fx.Node | None
-    training: bool
-    eps: float
-
-    _ORDER = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
-
-    @classmethod
-    def of(cls, node: fx.Node) -> "BatchNormCall | None":
-        if node.op != "call_function" or node.target is not F.batch_norm:
-            return None
-        v = {"weight": None, "bias": None, "training": False, "momentum": 0.1, "eps": 1e-5}
-        v.update(zip(cls._ORDER, node.args))
-        v.update(node.kwargs)
-        return cls(node, v["input"], v["running_mean"], v["running_var"], v["weight"], v["bias"],
-                   bool(v["training"]), float(v["eps"]))
-
-    def scale_shift(self, gm: fx.GraphModule) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s, t) in float64 so the folded weights round once, at the end."""
-        mean = ir.get_tensor(gm, self.running_mean).double()
-        var = ir.get_tensor(gm, self.running_var).double()
-        gamma = ir.get_tensor(gm, self.weight).double() if self.weight is not None else torch.ones_like(var)
-        beta = ir.get_tensor(gm, self.bias).double() if self.bias is not None else torch.zeros_like(var)
-        s = gamma / torch.sqrt(var + self.eps)
-        return s, beta - mean * s
+ADD = torch.ops.aten.add.Tensor
 
 
 def _is_const(n) -> bool:
@@ -80,20 +50,34 @@ def _private_constant_problem(gm: fx.GraphModule, node: fx.Node, what: str, arg)
     return None
 
 
+def _producers(x: fx.Node) -> list[tuple[fx.Node, slice]] | str:
+    """The ops whose outputs the BN's input is made of, with the channels each gives: ``x`` itself, or
+    the pieces of a concatenation along channels that only the BN reads (MixNet's mixed convs,
+    GhostNet's ghost modules), or why not."""
+    if not ir.is_op(x, ir.CAT):
+        return [(x, slice(None))]
+    a = ir.op_args(x)
+    rank = len(ir.shape(x))
+    if a["dim"] % rank != 1:
+        return f"{x.name} concatenates along dim {a['dim']}, not the channels"
+    if len(x.users) != 1:
+        return f"the concatenation {x.name} is also used without the batchnorm"
+    pieces, start = [], 0
+    for piece in a["tensors"]:
+        width = ir.channels(piece)
+        if width is None or a["tensors"].count(piece) > 1:
+            return f"{x.name} concatenates {piece.name} more than once or without a known width"
+        pieces.append((piece, slice(start, start + width)))
+        start += width
+    return pieces
+
+
 def _linear_view(node: fx.Node):
-    """(weight, bias, set_args) for a conv or linear node, or None."""
-    conv = ir.ConvCall.of(node)
-    if conv is not None:
-        return conv.weight, conv.bias, lambda w, b: conv.set_args(weight=w, bias=b)
-    if node.op == "call_function" and node.target is F.linear:
-        args = list(node.args) + [None] * (3 - len(node.args))
-        w, b = node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
-
-        def set_args(w2, b2):
-            node.args, node.kwargs = (args[0], w2, b2), {}
-
-        return w, b, set_args
-    return None
+    """(weight, bias, set_args) for an aten.conv2d or aten.linear node, or None."""
+    view = ir.ConvCall.of(node) or ir.LinearCall.of(node)
+    if view is None:
+        return None
+    return view.weight, view.bias, lambda w, b: view.set_args(weight=w, bias=b)
 
 
 @register_pass
@@ -111,8 +95,9 @@ class FoldBatchNorm(Pass):
             if bn.training:
                 result.skipped.append(Skip(node.name, "batchnorm in training mode (uses batch statistics)"))
                 continue
-            if bn.running_mean is None or bn.running_var is None or not _is_const(bn.running_mean):
-                result.skipped.append(Skip(node.name, "batchnorm without stored running statistics"))
+            if not bn.foldable:
+                result.skipped.append(Skip(node.name, "batchnorm without stored running statistics or affine "
+                                                      "parameters (computed in the graph)"))
                 continue
             reasons = []
             for rule in (self._into_producer, self._through_product, self._into_consumers):
@@ -126,34 +111,45 @@ class FoldBatchNorm(Pass):
 
     # -- rule 1 ----------------------------------------------------------------------------------
     def _into_producer(self, gm, bn: BatchNormCall, ctx, result) -> str | None:
-        producer = bn.input
-        view = _linear_view(producer)
-        if view is None:
-            return f"before it: {producer.name} is not a conv or linear"
-        w_node, b_node, set_args = view
-        if len(producer.users) != 1:
-            return f"before it: the output of {producer.name} is also used without the batchnorm"
-        for what, arg in (("weight", w_node), ("bias", b_node)):
-            problem = _private_constant_problem(gm, producer, what, arg)
-            if problem:
-                return f"before it: {producer.name}: {problem}"
+        pieces = _producers(bn.input)
+        if isinstance(pieces, str):
+            return f"before it: {pieces}"
+        views = []
+        for producer, _ in pieces:
+            view = _linear_view(producer)
+            if view is None:
+                return f"before it: {producer.name} is not a conv or linear"
+            if len(producer.users) != 1:
+                return f"before it: the output of {producer.name} is also used without the batchnorm"
+            for what, arg in (("weight", view[0]), ("bias", view[1])):
+                problem = _private_constant_problem(gm, producer, what, arg)
+                if problem:
+                    return f"before it: {producer.name}: {problem}"
+            views.append(view)
         if not ctx.allow_rewrite():
             return "rewrite limit reached (bisection)"
-        s, t = bn.scale_shift(gm)
-        w = ir.get_tensor(gm, w_node)
-        b = ir.get_tensor(gm, b_node).double() if b_node is not None else torch.zeros_like(s)
-        shape = (-1,) + (1,) * (w.dim() - 1)
-        with gm.graph.inserting_before(producer):
-            new_w = ir.constant_node(gm, (w.double() * s.view(shape)).to(w.dtype), f"{producer.name}_weight_bn")
-            new_b = ir.constant_node(gm, (b * s + t).to(w.dtype), f"{producer.name}_bias_bn")
-        set_args(new_w, new_b)
-        self._finish(gm, bn, producer, result, f"{bn.node.name} into {producer.name}")
+        s_all, t_all = bn.scale_shift(gm)
+        for (producer, rows), (w_node, b_node, set_args) in zip(pieces, views):
+            s, t = s_all[rows], t_all[rows]
+            w = ir.get_tensor(gm, w_node)
+            b = ir.get_tensor(gm, b_node).double() if b_node is not None else torch.zeros_like(s)
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            with gm.graph.inserting_before(producer):
+                new_w = ir.constant_node(gm, (w.double() * s.view(shape)).to(w.dtype), f"{producer.name}_weight_bn")
+                new_b = ir.constant_node(gm, (b * s + t).to(w.dtype), f"{producer.name}_bias_bn")
+            set_args(new_w, new_b)
+            if len(pieces) > 1:  # each piece now carries a value no earlier graph has
+                producer.meta[ir.VALUE_OF] = f"{producer.name}:{bn.node.name}"
+        ir.replace_value(bn.node, bn.input)  # the producer (or the concatenation) now carries BN's value
+        gm.graph.erase_node(bn.node)
+        result.changed = True
+        result.rewrites.append(f"{bn.node.name} into {', '.join(p.name for p, _ in pieces)}")
         return None
 
     # -- rule 2 ----------------------------------------------------------------------------------
     def _through_product(self, gm, bn: BatchNormCall, ctx, result) -> str | None:
         users = list(bn.node.users)
-        if len(users) != 1 or not ir.is_mul(users[0]) or len(users[0].args) != 2:
+        if len(users) != 1 or not ir.is_op(users[0], torch.ops.aten.mul.Tensor):
             return "through a product: its output does not feed exactly one product"
         mul = users[0]
         other = mul.args[1] if mul.args[0] is bn.node else mul.args[0]
@@ -193,7 +189,7 @@ class FoldBatchNorm(Pass):
                 c = ir.constant_node(gm, shift.to(w.dtype).view(1, -1, *([1] * (len(ir.shape(h)) - 2))),
                                      f"{bn.node.name}_shift")
             with gm.graph.inserting_after(c):
-                replacement = gm.graph.call_function(torch.add, (h, c))
+                replacement = ir.call(gm, ADD, (h, c), like=bn.node)
         self._finish(gm, bn, replacement, result, f"{bn.node.name} through product {mul.name} into {other.name}")
         return None
 
@@ -242,9 +238,8 @@ class FoldBatchNorm(Pass):
                 with gm.graph.inserting_after(c):
                     m = ir.constant_node(gm, add_map.to(w.dtype), f"{c.name}_bn_shift_map")
                 with gm.graph.inserting_after(m):
-                    plus = gm.graph.call_function(torch.add, (c, m))
+                    plus = ir.call(gm, ADD, (c, m), like=c)
                 ir.replace_value(c, plus)
-                plus.args = (c, m)  # replace_value also rewired plus's own input
                 result.notes.append(f"{bn.node.name} -> {c.name}: zero padding, so the shift is a bias map "
                                     f"fixed to input size {tuple(in_shape[2:])}")
         self._finish(gm, bn, bn.input, result, f"{bn.node.name} into {', '.join(c.name for c in consumers)}")

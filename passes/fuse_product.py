@@ -15,7 +15,10 @@ The layouts it finds:
 - authors' PDEBlock: ``z = conv1x1(u)`` with 2M outputs, ``z[:, :M] * z[:, M:]``. Slicing the output
   rows of a conv is slicing the rows of its weight and bias: ``conv(u; W, c)[:, R] = conv(u; W[R], c[R])``,
   so ``W_a = W[R_a], W_b = W[R_b]`` for any two channel slices R_a, R_b of equal width (halves, or any
-  other pair; steps allowed) of a groups-1 conv;
+  other pair; steps allowed) of a groups-1 conv. However the user wrote the slices (``z[:, :M]``,
+  ``z[:, :z.shape[1] // 2]``, ``z.chunk(2, 1)``, ``torch.split``, ``tensor_split``, ``narrow``), they
+  reach the pass as ``aten.slice.Tensor`` on dim 1 with constant bounds (capture's canonical form);
+  slices of slices compose;
 - paper Eq.(3): ``conv1x1_a(u) * dw3x3(u)`` (the dw weight is a constant [kC, 1, 3, 3] with groups C after
   constant-fold) -> the depthwise kind, with the conv strides equal;
 - any other such product, e.g. GLU-style gating ``conv_a(u) * conv_b(u)`` of two 1x1 convs.
@@ -25,6 +28,8 @@ Left alone, each with its reason in ``PassResult.skipped``: a factor that is not
 computed in the graph instead of stored (e.g. the shared kernel ``w.repeat(C, 1, 1, 1)`` before
 constant-fold), a conv output (or slice) that is also used elsewhere (fusing would compute it twice),
 strides that differ, a b-branch that is neither pointwise nor depthwise (no qlfx kernel), broadcasting.
+A multiplication by a number or a stored constant (a layer scale) is no product of branches and is
+passed over without a note.
 
 Fusing the FOLLOWING depthwise 3x3 too (PDEBlock: product -> conv2 dw W -> 2W, groups W, + folded BN)
 ------------------------------------------------------------------------------------------------------
@@ -61,7 +66,6 @@ is for the emitters (the ONNX function ``qlfx.BranchProduct``, the TVM kernels),
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
 import torch
@@ -83,9 +87,10 @@ class _NoMatch(Exception):
 class Factor:
     """One factor of the product, seen as (rows of) a conv's output."""
 
-    node: fx.Node  # the mul's argument: the conv itself or a getitem on it
+    node: fx.Node  # the mul's argument: the conv itself or a channel slice of it
     conv: ir.ConvCall
     rows: list[int] | None  # output channels of the conv this factor reads; None = all
+    slices: tuple[fx.Node, ...] = ()  # the aten.slice nodes between the conv and the factor
 
     def weight_bias(self, gm: fx.GraphModule) -> tuple[torch.Tensor, torch.Tensor | None]:
         w = ir.get_tensor(gm, self.conv.weight)
@@ -96,55 +101,37 @@ class Factor:
         return w[index], (b[index] if b is not None else None)
 
     @property
-    def is_pointwise(self) -> bool:
-        kernel = tuple(self.conv.weight.meta["tensor_meta"].shape[2:]) if "tensor_meta" in self.conv.weight.meta else None
-        return kernel == (1, 1) and self.conv.groups == 1 and self.conv.padding in ((0, 0), "valid")
-
-
-def _channel_rows(index, channels: int) -> list[int] | None:
-    """The channel rows selected by ``x[index]`` when it slices dim 1 only, else None."""
-    if not isinstance(index, tuple) or len(index) < 2:
-        return None
-    full = slice(None, None, None)
-    if index[0] != full or not isinstance(index[1], slice):
-        return None
-    if any(i != full and i is not Ellipsis for i in index[2:]):
-        return None
-    step = index[1].step if index[1].step is not None else 1
-    if not isinstance(step, int) or step <= 0:
-        return None
-    return list(range(channels))[index[1]]
-
-
-def _describe(node) -> str:
-    if not isinstance(node, fx.Node):
-        return repr(node)
-    target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
-    return f"{node.name} ({node.op} {target})"
+    def weight_shape(self) -> tuple[int, ...]:
+        shape = ir.shape(self.conv.weight)
+        return shape if self.rows is None else (len(self.rows),) + shape[1:]
 
 
 def _factor(node: fx.Node) -> Factor:
-    conv = ir.ConvCall.of(node)
-    if conv is not None:
-        return Factor(node, conv, None)
-    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        source = ir.ConvCall.of(node.args[0])
-        shape = ir.shape(node.args[0])
-        if source is not None and shape is not None:
-            rows = _channel_rows(node.args[1], shape[1])
-            if rows is None:
-                raise _NoMatch(f"factor {node.name} indexes {node.args[0].name} other than by a channel slice")
-            if source.groups != 1:
-                raise _NoMatch(f"factor {node.name} slices the grouped conv {node.args[0].name} "
-                               f"(groups={source.groups}); its rows are not a conv of their own")
-            return Factor(node, source, rows)
-    raise _NoMatch(f"factor {_describe(node)} is not a conv (or a channel slice of one)")
+    """The factor as rows of a conv: the conv itself, or channel slices of it (``z[:, :M]``, chunk, split,
+    tensor_split and narrow all arrive as ``aten.slice.Tensor`` on dim 1; slices of slices compose)."""
+    rows, slices, source = None, [], node
+    while ir.is_op(source, ir.SLICE):
+        piece = ir.ChannelSlice.of(source)
+        if piece is None:
+            raise _NoMatch(f"factor {node.name} slices {ir.describe(source.args[0])} along another axis than "
+                           f"the channels")
+        rows = piece.rows if rows is None else [piece.rows[r] for r in rows]
+        slices.append(source)
+        source = piece.input
+    conv = ir.ConvCall.of(source)
+    if conv is None:
+        what = f"{node.name} (a channel slice of {ir.describe(source)})" if slices else ir.describe(node)
+        raise _NoMatch(f"factor {what} is not a conv (or a channel slice of one)")
+    if rows is not None and conv.groups != 1:
+        raise _NoMatch(f"factor {node.name} slices the grouped conv {source.name} "
+                       f"(groups={conv.groups}); its rows are not a conv of their own")
+    return Factor(node, conv, rows, tuple(slices))
 
 
 def _stored(node, what: str, conv_name: str) -> None:
-    if node is not None and not (isinstance(node, fx.Node) and node.op == "get_attr"):
+    if node is not None and not ir.is_constant(node):
         raise _NoMatch(
-            f"the {what} of {conv_name} is computed in the graph ({_describe(node)}), not a stored constant; "
+            f"the {what} of {conv_name} is computed in the graph ({ir.describe(node)}), not a stored constant; "
             f"run constant-fold before fuse-product"
         )
 
@@ -169,12 +156,13 @@ class FuseProduct(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False, stats={"pointwise": 0, "depthwise": 0})
         for node in list(gm.graph.nodes):
-            if not ir.is_mul(node) or len(node.args) != 2 or node.kwargs:
+            if not ir.is_op(node, ir.MUL):
                 continue
-            if not all(isinstance(a, fx.Node) for a in node.args):
-                continue  # a scaling by a Python number: not a product of branches
+            factors = [ir.op_args(node)[k] for k in ("self", "other")]
+            if not all(isinstance(a, fx.Node) and not ir.is_constant(a) for a in factors):
+                continue  # a scaling by a number or a stored constant (a layer scale): not a product of branches
             try:
-                a, b = self._match(gm, node)
+                a, b = self._match(gm, node, factors)
             except _NoMatch as why:
                 result.skipped.append(Skip(node.name, str(why)))
                 continue
@@ -188,41 +176,40 @@ class FuseProduct(Pass):
         return result
 
     # -------------------------------------------------------------------------------------- match
-    def _match(self, gm: fx.GraphModule, mul: fx.Node) -> tuple[Factor, Factor]:
-        a, b = (_factor(arg) for arg in mul.args)
+    def _match(self, gm: fx.GraphModule, mul: fx.Node, factors: list[fx.Node]) -> tuple[Factor, Factor]:
+        a, b = (_factor(arg) for arg in factors)
         if a.conv.input is not b.conv.input:
-            raise _NoMatch(f"the factors read different inputs ({_describe(a.conv.input)} and "
-                           f"{_describe(b.conv.input)})")
-        shapes = {ir.shape(mul), ir.shape(a.node), ir.shape(b.node)}
-        if len(shapes) != 1 or None in shapes:
+            raise _NoMatch(f"the factors read different inputs ({ir.describe(a.conv.input)} and "
+                           f"{ir.describe(b.conv.input)})")
+        shapes = [ir.shape(mul), ir.shape(a.node), ir.shape(b.node)]
+        if None in shapes or len({str(s) for s in shapes}) != 1:  # as text: a symbolic batch matches itself
             raise _NoMatch(f"the factors' shapes differ or broadcast: {ir.shape(a.node)} * {ir.shape(b.node)}")
         for f in (a, b):
             _stored(f.conv.weight, "weight", f.conv.node.name)
             _stored(f.conv.bias, "bias", f.conv.node.name)
-        factor_nodes = {a.node, b.node}
         for f in (a, b):
             if set(f.node.users) != {mul}:
                 others = [u.name for u in f.node.users if u is not mul]
                 raise _NoMatch(f"{f.node.name} is also used by {', '.join(others)}; fusing would compute it twice")
-            outside = [u.name for u in f.conv.node.users if u not in factor_nodes]
-            if f.rows is not None and outside:
-                raise _NoMatch(f"the output of {f.conv.node.name} is also used by {', '.join(outside)}")
-        if not a.is_pointwise:
+            # every value between the conv and the factors feeds the factors only
+            inside = {a.node, b.node, *a.slices, *b.slices, mul}
+            for n in (f.conv.node, *f.slices):
+                outside = [u.name for u in n.users if u not in inside]
+                if outside:
+                    raise _NoMatch(f"the output of {n.name} is also used by {', '.join(outside)}")
+        if not a.conv.is_pointwise:
             a, b = b, a
-        if not a.is_pointwise:
+        if not a.conv.is_pointwise:
             raise _NoMatch("neither factor is a 1x1 conv with groups 1 and no padding (branch_product's a-branch)")
         if a.conv.stride != b.conv.stride:
             raise _NoMatch(f"the branches' strides differ: {a.conv.stride} vs {b.conv.stride}")
-        if a.conv.weight.meta["tensor_meta"].dtype != b.conv.weight.meta["tensor_meta"].dtype:
+        if ir.dtype(a.conv.weight) != ir.dtype(b.conv.weight):
             raise _NoMatch("the branches' weights have different dtypes")
-        b_shape = tuple(b.conv.weight.meta["tensor_meta"].shape)
-        if b.rows is not None:
-            b_shape = (len(b.rows),) + b_shape[1:]
-        in_channels = ir.shape(a.conv.input)[1]
-        if branch_product_kind(b_shape, b.conv.groups, in_channels) is None:
-            raise _NoMatch(f"{b.conv.node.name} (kernel {b_shape[2:]}, groups {b.conv.groups}) is neither pointwise "
-                           f"nor depthwise; no branch_product kernel covers it")
-        _symmetric_padding(b.conv, b_shape[2:])
+        in_channels = ir.channels(a.conv.input)
+        if branch_product_kind(b.weight_shape, b.conv.groups, in_channels) is None:
+            raise _NoMatch(f"{b.conv.node.name} (kernel {b.weight_shape[2:]}, groups {b.conv.groups}) is neither "
+                           f"pointwise nor depthwise; no branch_product kernel covers it")
+        _symmetric_padding(b.conv, b.weight_shape[2:])
         return a, b
 
     # ------------------------------------------------------------------------------------ rewrite
@@ -237,19 +224,15 @@ class FuseProduct(Pass):
                 w, c = f.weight_bias(gm)
                 args.append(ir.constant_node(gm, w, f"{mul.name}_weight_{tag}"))
                 args.append(ir.constant_node(gm, c, f"{mul.name}_bias_{tag}") if c is not None else None)
-            kernel = tuple(b.conv.weight.meta["tensor_meta"].shape[2:])
-            padding_b = _symmetric_padding(b.conv, kernel)
-            fused = gm.graph.call_function(
-                BRANCH_PRODUCT,
-                (u, args[0], args[1], args[2], args[3], list(a.conv.stride), list(padding_b),
-                 list(b.conv.dilation), b.conv.groups),
-            )
-        kind = branch_product_kind(tuple(b.weight_bias(gm)[0].shape), b.conv.groups, ir.shape(u)[1])
+            padding_b = _symmetric_padding(b.conv, b.weight_shape[2:])
+            fused = ir.call(gm, BRANCH_PRODUCT, (u, args[0], args[1], args[2], args[3], list(a.conv.stride),
+                                                 list(padding_b), list(b.conv.dilation), b.conv.groups), like=mul)
+        kind = branch_product_kind(b.weight_shape, b.conv.groups, ir.channels(u))
         fused.meta["qlfx_branch_product_kind"] = kind
         fused.meta["qlfx_fused_from"] = [mul.name, a.node.name, b.node.name]
         ir.replace_value(mul, fused)
         # Remove the old product, its slices, the convs and the weight reads nobody uses any more.
-        dead = [mul, a.node, b.node, a.conv.node, b.conv.node]
+        dead = [mul, a.node, *a.slices, b.node, *b.slices, a.conv.node, b.conv.node]
         reads = [a.conv.weight, a.conv.bias, b.conv.weight, b.conv.bias]
         for n in dict.fromkeys(dead):
             if n in gm.graph.nodes and not n.users:

@@ -11,6 +11,19 @@ term ``T_b`` is one of
   (i, j) of channel ``i``: for ``groups = g`` with ``m = C / g`` inputs per group, output channel ``i``
   reads group-local input ``i mod m``. Needs ``C_out = C_in`` and stride 1.
 
+**The expression.** The sum is read as an affine expression tree: its inner nodes are ``aten.add`` /
+``aten.sub`` / ``aten.rsub`` (any ``alpha``), ``aten.neg``, ``aten.mul`` / ``aten.div`` by a stored per-channel constant
+or a number (FastViT's layer scale ``gamma``), an eval ``aten.batch_norm`` with stored statistics, and
+the addition of a number or a stored per-channel constant (``scale_out + 0`` when a MobileOne branch is
+absent); each inner node has the root's shape and dtype and no user outside the tree. Expanding it gives
+``y = sum_l diag(k_l) v_l + c`` over its leaves ``v_l``, with a per-channel coefficient ``k_l`` (the
+product of the scales on the path from the root) and a per-channel constant ``c``; so branches written
+in any order, nested, subtracted or scaled (FastViT's token mixer ``x + gamma * (mixer(x) - norm(x))``)
+reach the merge alike. Leaves that are convs of one input ``x`` with stored weights, and ``x`` itself,
+form that input's branches: ``W_b <- diag(k_b) W_b``, ``c_b <- k_b c_b``. Leaves of other inputs, and
+convs that cannot merge, stay terms of the sum (``v_l`` times ``k_l`` where ``k_l != 1``); ``c`` goes
+into the bias of the merged conv.
+
 **Taps.** Along one axis, output pixel ``i`` of branch ``b`` reads input positions
 ``i*stride + start_b + a*d_b`` for ``a = 0..k_b-1`` with ``start_b = -p_b``. The merged conv (dilation
 ``D``: the common dilation of the branches with ``k > 1``, 1 if none) spans ``S = min_b start_b`` to
@@ -22,126 +35,175 @@ i.e. every branch is centred the same way. A 1x1 with padding 0 beside a 3x3 wit
 (lands at the centre tap); a 1x1 with padding 1 beside a 3x3 with padding 1 is not (its output is larger,
 and the add would not even type-check without broadcasting), and is skipped.
 
-Then ``W = sum_b embed(W_b)``, ``c = sum_b c_b`` (float64, rounded once). Terms on other inputs stay
-separate terms of the sum. Contract: equivalent (the sum is re-associated, so float rounding differs).
+Then ``W = sum_b embed(W_b)``, ``c = sum_b c_b`` (float64, rounded once). Contract: equivalent (the sum
+is re-associated, so float rounding differs).
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
+from numbers import Number
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from qlfx import ir
 from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
+
+aten = torch.ops.aten
+ADDS = (aten.add.Tensor, aten.add.Scalar)
+SUBS = (aten.sub.Tensor, aten.sub.Scalar)
+MULS = (aten.mul.Tensor, aten.mul.Scalar)
+DIVS = (aten.div.Tensor, aten.div.Scalar)
+RSUBS = (aten.rsub.Tensor, aten.rsub.Scalar)  # rsub(x, y, alpha) = y - alpha * x: how ``1 - x`` arrives
 
 
 @dataclass
 class Branch:
     """One term of the sum, as a conv on ``input``: weight/bias (float64) and its geometry."""
 
-    term: fx.Node          # the node whose value is the term
+    term: fx.Node          # the leaf of the sum the branch stands for
     input: fx.Node
-    weight: torch.Tensor   # [Cout, Cin/groups, kh, kw]
+    weight: torch.Tensor   # [Cout, Cin/groups, kh, kw]; for an identity, the diagonal [C]
     bias: torch.Tensor     # [Cout]
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
     groups: int | None     # None: identity (adapts to the others' groups)
-    consumed: tuple[fx.Node, ...]  # nodes that become dead when the term is merged
 
 
-def _bn_scale_shift(gm, bn_node: fx.Node) -> tuple[torch.Tensor, torch.Tensor] | None:
-    from qlfx.passes.fold_bn import BatchNormCall
+# ------------------------------------------------------------------------------ the affine expression
+def _same_value_type(a: fx.Node, b: fx.Node) -> bool:
+    """Same dtype and shape (dims compared as text, so a symbolic batch matches itself)."""
+    sa, sb = ir.shape(a), ir.shape(b)
+    return (sa is not None and sb is not None and len(sa) == len(sb) and ir.dtype(a) == ir.dtype(b)
+            and all(str(x) == str(y) for x, y in zip(sa, sb)))
 
-    bn = BatchNormCall.of(bn_node)
-    if bn is None or bn.training or bn.running_mean is None or bn.running_var is None:
+
+def _per_channel(gm: fx.GraphModule, arg, like: fx.Node) -> torch.Tensor | None:
+    """``arg`` as a float64 per-channel vector ([1] or [C]) when it is a number or a stored constant that
+    broadcasts along dim 1 of ``like`` only (so it does not change like's shape); else None."""
+    if isinstance(arg, Number) and not isinstance(arg, bool):
+        return torch.tensor([float(arg)], dtype=torch.float64)
+    if not ir.is_constant(arg):
         return None
-    if not all(a is None or a.op == "get_attr" for a in (bn.running_mean, bn.running_var, bn.weight, bn.bias)):
+    t = ir.get_tensor(gm, arg)
+    shape = ir.shape(like)
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or shape is None or t.dim() > len(shape):
         return None
-    return bn.scale_shift(gm)
+    dims = (1,) * (len(shape) - t.dim()) + tuple(t.shape)
+    if any(d != 1 for i, d in enumerate(dims) if i != 1) or (len(dims) > 1 and dims[1] not in (1, shape[1])):
+        return None
+    return t.detach().double().reshape(-1)
 
 
-def _private(gm, node: fx.Node, arg) -> bool:
-    """``arg`` is None or a stored constant read by ``node`` only."""
-    if arg is None:
-        return True
-    return arg.op == "get_attr" and all(u is node for u in ir.attr_users(gm, arg.target))
-
-
-def _conv_branch(gm, term: fx.Node, conv_node: fx.Node, scale_shift, consumed) -> Branch | str:
-    conv = ir.ConvCall.of(conv_node)
-    if isinstance(conv.padding, str):
-        return f"{conv_node.name} uses padding='{conv.padding}'"
-    if conv.weight.op != "get_attr" or (conv.bias is not None and conv.bias.op != "get_attr"):
-        return f"{conv_node.name}'s weights are computed in the graph"
-    w = ir.get_tensor(gm, conv.weight).double()
-    b = ir.get_tensor(gm, conv.bias).double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    if scale_shift is not None:
-        s, t = scale_shift
-        w, b = w * s.view(-1, 1, 1, 1), b * s + t
-    return Branch(term, conv.input, w, b, conv.stride, tuple(conv.padding), conv.dilation, conv.groups, consumed)
-
-
-def _as_branch(gm, term: fx.Node, sum_nodes: set[fx.Node]) -> Branch | str | None:
-    """The term as a conv branch; None when it is not a conv (maybe an identity, decided later); a
-    string saying why a conv term cannot be used."""
-    only_sum = lambda n: len(n.users) == 1 and next(iter(n.users)) in sum_nodes  # noqa: E731
-    if ir.ConvCall.of(term) is not None:
-        if not only_sum(term):
-            return f"{term.name} is also used outside the sum"
-        return _conv_branch(gm, term, term, None, (term,))
-    if term.op == "call_function" and term.target is F.batch_norm and isinstance(term.args[0], fx.Node):
-        inner = term.args[0]
-        if ir.ConvCall.of(inner) is not None:
-            if not only_sum(term) or len(inner.users) != 1:
-                return f"{term.name} or its conv {inner.name} is also used outside the sum"
-            ss = _bn_scale_shift(gm, term)
-            if ss is None:
-                return f"{term.name} is not an eval-mode batchnorm with stored statistics"
-            return _conv_branch(gm, term, inner, ss, (term, inner))
+def _affine_step(gm: fx.GraphModule, node: fx.Node):
+    """If ``node`` is an affine op of its tensor operands, ``([(operand, coefficient)], shift)`` with
+    per-channel float64 coefficients and shift (node = sum coefficient * operand + shift); else None."""
+    one = torch.ones(1, dtype=torch.float64)
+    zero = torch.zeros(1, dtype=torch.float64)
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    a = ir.op_args(node)
+    if ir.is_op(node, *ADDS, *SUBS, *RSUBS):
+        alpha = a.get("alpha", 1)
+        if not isinstance(alpha, Number):
+            return None
+        scaled = one * float(alpha) * (-1.0 if ir.is_op(node, *SUBS, *RSUBS) else 1.0)
+        pairs = ((a["other"], one), (a["self"], scaled)) if ir.is_op(node, *RSUBS) else \
+            ((a["self"], one), (a["other"], scaled))
+        terms, shift = [], zero
+        for operand, k in pairs:
+            constant = _per_channel(gm, operand, node)
+            if constant is not None:
+                shift = shift + k * constant
+            elif isinstance(operand, fx.Node):
+                terms.append((operand, k))
+            else:
+                return None
+        return (terms, shift) if terms else None
+    if ir.is_op(node, *MULS, *DIVS):
+        x, factor = a["self"], _per_channel(gm, a["other"], node)
+        if factor is None and ir.is_op(node, *MULS):
+            x, factor = a["other"], _per_channel(gm, a["self"], node)
+        if factor is None or not isinstance(x, fx.Node) or ir.is_constant(x):
+            return None
+        if ir.is_op(node, *DIVS):
+            factor = 1.0 / factor
+        if not bool(torch.isfinite(factor).all()):
+            return None  # a division by zero stays as written
+        return [(x, factor)], zero
+    if ir.is_op(node, aten.neg.default):
+        return [(a["self"], -one)], zero
+    bn = ir.BatchNormCall.of(node)
+    if bn is not None and not bn.training and bn.foldable:
+        s, t = bn.scale_shift(gm)
+        return [(bn.input, s)], t
     return None
 
 
-def _identity_branch(gm, term: fx.Node, x: fx.Node, channels: int) -> Branch | None:
-    """``x`` or ``BN(x)`` as a 1x1 conv (groups decided at merge time)."""
-    if term is x:
-        s, t = torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
-        consumed = ()
-    elif (term.op == "call_function" and term.target is F.batch_norm and term.args[0] is x
-          and len(term.users) == 1):
-        ss = _bn_scale_shift(gm, term)
-        if ss is None:
-            return None
-        s, t = ss
-        consumed = (term,)
-    else:
+@dataclass
+class Expansion:
+    """``root = sum_l diag(coefficient_l) leaf_l + shift`` (leaves in order of appearance, repeated leaves
+    combined) and the tree's inner nodes."""
+
+    leaves: dict[fx.Node, torch.Tensor]
+    shift: torch.Tensor
+    inner: set[fx.Node]
+
+
+def _inner(gm: fx.GraphModule, node: fx.Node, root: fx.Node) -> bool:
+    """``node`` is expanded as part of root's tree: affine, the root's shape and dtype, used only once."""
+    return len(node.users) == 1 and _same_value_type(node, root) and _affine_step(gm, node) is not None
+
+
+def expand(gm: fx.GraphModule, root: fx.Node) -> Expansion | None:
+    channels = ir.channels(root)
+    if channels is None or _affine_step(gm, root) is None:
         return None
-    # Stored as the diagonal; expanded to a kernel once groups are known.
-    return Branch(term, x, s, t, (1, 1), (0, 0), (1, 1), None, consumed)
+    leaves: dict[fx.Node, torch.Tensor] = {}
+    shift = torch.zeros(channels, dtype=torch.float64)
+    inner: set[fx.Node] = set()
+
+    def visit(node: fx.Node, k: torch.Tensor) -> None:
+        nonlocal shift
+        if node is not root and not _inner(gm, node, root):
+            leaves[node] = leaves.get(node, 0) + k
+            return
+        inner.add(node)
+        terms, t = _affine_step(gm, node)
+        shift = shift + k * t
+        for operand, c in terms:
+            visit(operand, k * c)
+
+    visit(root, torch.ones(channels, dtype=torch.float64))
+    return Expansion(leaves, shift, inner)
 
 
-def _flatten_sum(root: fx.Node) -> tuple[list[fx.Node], set[fx.Node]] | None:
-    """Terms of the tree of binary tensor adds under ``root`` (inner adds used only inside the tree)."""
-    terms, adds = [], set()
-
-    def visit(n: fx.Node, is_root: bool) -> bool:
-        if not (n.op == "call_function" and n.target in (operator.add, torch.add) and not n.kwargs
-                and len(n.args) == 2 and all(isinstance(a, fx.Node) for a in n.args)):
-            return False
-        if not is_root and len(n.users) != 1:
-            return False
-        adds.add(n)
-        for a in n.args:
-            if not visit(a, False):
-                terms.append(a)
-        return True
-
-    if not visit(root, True):
+# ------------------------------------------------------------------------------------------ branches
+def _conv_branch(gm, leaf: fx.Node, k: torch.Tensor, root: fx.Node, inner: set[fx.Node]) -> Branch | str | None:
+    """The leaf as a conv branch scaled by ``k``; None when it is not a conv; a string saying why a conv
+    leaf cannot be used."""
+    conv = ir.ConvCall.of(leaf)
+    if conv is None:
         return None
-    return terms, adds
+    if not set(leaf.users) <= inner:
+        return f"{leaf.name} is also used outside the sum"
+    if not _same_value_type(leaf, root):
+        return "terms broadcast (shapes differ)"
+    if isinstance(conv.padding, str):
+        return f"{leaf.name} uses padding='{conv.padding}'"
+    if not ir.is_constant(conv.weight) or (conv.bias is not None and not ir.is_constant(conv.bias)):
+        return f"{leaf.name}'s weights are computed in the graph"
+    w = ir.get_tensor(gm, conv.weight).double()
+    b = ir.get_tensor(gm, conv.bias).double() if conv.bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    return Branch(leaf, conv.input, w * k.view(-1, 1, 1, 1), b * k, conv.stride, tuple(conv.padding), conv.dilation,
+                  conv.groups)
+
+
+def _identity_branch(leaf: fx.Node, k: torch.Tensor, root: fx.Node) -> Branch:
+    """``diag(k) x`` as a 1x1 conv (stored as the diagonal; groups decided at merge time)."""
+    return Branch(leaf, leaf, k.expand(ir.channels(root)).clone(), torch.zeros(ir.channels(root), dtype=torch.float64),
+                  (1, 1), (0, 0), (1, 1), None)
 
 
 def _axis_layout(branches: list[Branch], axis: int):
@@ -168,6 +230,10 @@ def _axis_layout(branches: list[Branch], axis: int):
     return (E - S) // D + 1, -S, D, offsets
 
 
+def count_convs(gm: fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes if ir.ConvCall.of(n) is not None)
+
+
 @register_pass
 class MergeParallel(Pass):
     name = "merge-parallel"
@@ -176,82 +242,98 @@ class MergeParallel(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
-        adds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (operator.add, torch.add)]
-        inner_of_other_sum: set[fx.Node] = set()
-        for root in reversed(adds):  # roots come after their inner adds; visit roots first
-            if root in inner_of_other_sum or root.graph is not gm.graph:
-                continue
-            flat = _flatten_sum(root)
-            if flat is None:
-                continue
-            terms, sum_nodes = flat
-            inner_of_other_sum |= sum_nodes - {root}
-            why = self._merge_sum(gm, root, terms, sum_nodes, ctx, result)
-            if why:
-                result.skipped.append(Skip(root.name, why))
+        before = count_convs(gm)
+        # A root is an affine node that is not expanded as part of its user's tree. Trees are disjoint, and
+        # a rewritten root's users are rewired to its replacement, so the order does not matter.
+        roots = [n for n in gm.graph.nodes if _affine_step(gm, n) is not None
+                 and not (len(n.users) == 1 and _inner(gm, n, next(iter(n.users)))
+                          and _affine_step(gm, next(iter(n.users))) is not None)]
+        sites = branches = 0
+        for root in roots:
+            merged = self._merge_sum(gm, root, ctx, result)
+            if isinstance(merged, str):
+                result.skipped.append(Skip(root.name, merged))
+            elif merged:
+                sites += len(merged)
+                branches += sum(merged)
         if result.changed:
             gm.graph.eliminate_dead_code()
+        after = count_convs(gm)
+        result.stats = {"sites": sites, "branches": branches, "convs_before": before, "convs": after}
+        result.notes.append(f"merged {sites} site(s) of {branches} parallel branches; "
+                            f"{after} conv(s) remain (from {before})")
         return result
 
-    def _merge_sum(self, gm, root, terms, sum_nodes, ctx, result) -> str | None:
-        out_shape = ir.shape(root)
-        if out_shape is None or len(out_shape) != 4:
+    def _merge_sum(self, gm, root, ctx, result) -> list[int] | str | None:
+        """Merge root's tree; return the number of branches of each merged conv, a reason, or None."""
+        shape = ir.shape(root)
+        if shape is None or len(shape) != 4:
             return None  # not a feature-map sum: nothing to say
-        if any(ir.shape(t) != out_shape for t in terms):
-            return "terms broadcast (shapes differ)"
-        convs, others, reasons = [], [], []
-        for t in terms:
-            br = _as_branch(gm, t, sum_nodes)
-            if isinstance(br, Branch):
-                convs.append(br)
-            else:
-                if isinstance(br, str):
-                    reasons.append(br)
-                others.append(t)
-        if not convs:
-            return None  # no conv term: not a parallel-branch sum
-        # Group conv branches by input; identities join the group reading their tensor.
+        tree = expand(gm, root)
+        if tree is None:
+            return None
         groups: dict[fx.Node, list[Branch]] = {}
-        for br in convs:
-            groups.setdefault(br.input, []).append(br)
-        leftover = []
-        for t in others:
-            placed = False
-            for x, brs in groups.items():
-                ident = _identity_branch(gm, t, x, out_shape[1])
-                if ident is not None:
-                    brs.append(ident)
-                    placed = True
-                    break
-            if not placed:
-                leftover.append(t)
-        merged_any = False
+        blocked: dict[fx.Node, list[str]] = {}  # conv leaves that cannot merge, by their input
+        others = []
+        for leaf, k in tree.leaves.items():
+            br = _conv_branch(gm, leaf, k, root, tree.inner)
+            if isinstance(br, Branch):
+                groups.setdefault(br.input, []).append(br)
+                continue
+            if isinstance(br, str):
+                blocked.setdefault(ir.ConvCall.of(leaf).input, []).append(br)
+            others.append(leaf)
+        # Identities join the branches reading their tensor.
+        leftover, identities = [], set()
+        for leaf in others:
+            if leaf in groups and _same_value_type(leaf, root):
+                groups[leaf].append(_identity_branch(leaf, tree.leaves[leaf], root))
+                identities.add(leaf)
+            else:
+                leftover.append(leaf)
+        reasons = [why for x, whys in blocked.items()
+                   if len(whys) + len(groups.get(x, ())) + (x in tree.leaves and x not in identities) >= 2
+                   for why in whys]
+        merged = []
         for x, brs in groups.items():
             if len(brs) < 2:
-                # a lone conv on this input; put its term back
+                leftover.extend(b.term for b in brs)  # a lone conv on this input: it stays a term
+                continue
+            plan = self._merge_group(x, brs, shape, ctx)
+            if isinstance(plan, str):
+                reasons.append(plan)
                 leftover.extend(b.term for b in brs)
                 continue
-            merged = self._merge_group(gm, root, x, brs, out_shape, ctx)
-            if isinstance(merged, str):
-                reasons.append(merged)
-                leftover.extend(b.term for b in brs)
-                continue
-            merged_any = True
-            leftover.insert(0, merged)
-            result.rewrites.append(f"{root.name}: {' + '.join(b.term.name for b in brs)} -> {merged.name}")
-        if not merged_any:
+            merged.append((x, brs, plan))
+        if not merged:
             # No two branches on one input: not a parallel-branch sum (a plain residual add), nothing to say.
-            return "; ".join(reasons) if reasons else None
-        # Rebuild the sum from the merged conv(s) and the remaining terms.
-        new_root = leftover[0]
+            return "; ".join(dict.fromkeys(reasons)) if reasons else None
+        convs = []
+        dtype = ir.dtype(root)
         with gm.graph.inserting_before(root):
-            for t in leftover[1:]:
-                new_root = gm.graph.call_function(operator.add, (new_root, t))
-        ir.replace_value(root, new_root)
+            for i, (x, brs, (weight, bias, stride, padding, dilation, groups_)) in enumerate(merged):
+                if i == 0:
+                    bias = bias + tree.shift  # the sum's constant part
+                w_node = ir.constant_node(gm, weight.to(dtype), f"{root.name}_merged_weight")
+                b_node = ir.constant_node(gm, bias.to(dtype), f"{root.name}_merged_bias")
+                conv = ir.call(gm, ir.CONV2D, (x, w_node, b_node, stride, padding, dilation, groups_), like=root)
+                convs.append(conv)
+                result.rewrites.append(f"{root.name}: {' + '.join(b.term.name for b in brs)} -> {conv.name}")
+            total = convs[0]
+            for term in convs[1:] + leftover:
+                k = tree.leaves[term].expand(shape[1]) if term in tree.leaves else None
+                if k is not None and not bool((k == 1).all()):
+                    factor = (float(k[0]) if bool((k == k[0]).all()) else
+                              ir.constant_node(gm, k.to(dtype).view(1, -1, 1, 1), f"{root.name}_scale"))
+                    term = ir.call(gm, aten.mul.Tensor, (term, factor), like=root)
+                total = ir.call(gm, aten.add.Tensor, (total, term), like=root)
+        ir.replace_value(root, total)
         result.changed = True
-        return None
+        return [len(brs) for _, brs, _ in merged]
 
-    def _merge_group(self, gm, root, x: fx.Node, brs: list[Branch], out_shape, ctx):
+    def _merge_group(self, x: fx.Node, brs: list[Branch], out_shape, ctx):
+        """(weight, bias, stride, padding, dilation, groups) of the one conv equal to the branches' sum,
+        or why there is none."""
         convs = [b for b in brs if b.groups is not None]
         strides = {b.stride for b in convs}
         if len(strides) > 1:
@@ -295,11 +377,4 @@ class MergeParallel(Pass):
             bias += b.bias
         if not ctx.allow_rewrite():
             return "rewrite limit reached (bisection)"
-        dtype = next(t.meta["tensor_meta"].dtype for t in [root] if "tensor_meta" in t.meta)
-        with gm.graph.inserting_before(root):
-            w_node = ir.constant_node(gm, weight.to(dtype), f"{root.name}_merged_weight")
-            b_node = ir.constant_node(gm, bias.to(dtype), f"{root.name}_merged_bias")
-            conv = gm.graph.create_node("call_function", ir.CONV2D,
-                                        (x, w_node, b_node, stride, (PH, PW), (DH, DW), groups),
-                                        name=f"{root.name}_merged")
-        return conv
+        return weight, bias, list(stride), [PH, PW], [DH, DW], groups

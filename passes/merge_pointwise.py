@@ -32,15 +32,16 @@ class MergePointwise(Pass):
         result = PassResult(changed=False)
         for node in list(gm.graph.nodes):
             second = ir.ConvCall.of(node)
-            if second is None or not second.is_pointwise or second.stride != (1, 1) or second.weight.op != "get_attr":
+            if (second is None or not second.is_pointwise or second.stride != (1, 1)
+                    or not ir.is_constant(second.weight)):
                 continue
             first = ir.ConvCall.of(second.input) if isinstance(second.input, fx.Node) else None
-            if first is None or first.groups != 1 or first.weight.op != "get_attr":
+            if first is None or first.groups != 1 or not ir.is_constant(first.weight):
                 continue
             if len(first.node.users) != 1:
                 result.skipped.append(Skip(node.name, f"{first.node.name}'s output has other users"))
                 continue
-            if first.bias is not None and first.bias.op != "get_attr" or second.bias is not None and second.bias.op != "get_attr":
+            if any(b is not None and not ir.is_constant(b) for b in (first.bias, second.bias)):
                 continue
             w = ir.get_tensor(gm, first.weight).detach()
             u = ir.get_tensor(gm, second.weight).detach().flatten(1)  # C_out x r
@@ -61,7 +62,7 @@ class MergePointwise(Pass):
                 wn = ir.constant_node(gm, merged, f"{first.node.name}_merged_weight")
                 bn = ir.constant_node(gm, bias.to(w.dtype), f"{first.node.name}_merged_bias")
             first.set_args(weight=wn, bias=bn)
-            node.replace_all_uses_with(first.node)
+            ir.replace_value(node, first.node)  # first now computes the pair's value
             gm.graph.erase_node(node)
             result.rewrites.append(f"{first.node.name} + {node.name}: {r} inner channels -> one conv "
                                    f"{tuple(merged.shape)}")

@@ -42,20 +42,13 @@ def _weight_terms(gm: fx.GraphModule, report: SymmetryReport):
     for node in gm.graph.nodes:
         kind = report.node_kinds.get(node.name)
         if kind == "linear":
-            conv = ir.ConvCall.of(node)
-            if conv is not None:
-                w, x = ir.get_tensor(gm, conv.weight), conv.input
-            else:
-                args = list(node.args) + [None] * 3
-                w, x = ir.get_tensor(gm, node.kwargs.get("weight", args[1])), args[0]
+            view = ir.ConvCall.of(node) or ir.LinearCall.of(node)
+            w, x = ir.get_tensor(gm, view.weight), view.input
             v = w.detach().double() ** 2
             v = v.reshape(v.shape[0], v.shape[1], -1).sum(-1)
             terms.append((node.name, x.name, v, "dense"))
         elif kind == "branch_product":
-            from qlfx.symmetry.spaces import BRANCH_PRODUCT_ARGS
-
-            args = dict(zip(BRANCH_PRODUCT_ARGS, node.args))
-            args.update(node.kwargs)
+            args = ir.op_args(node)
             for branch in ("a", "b"):
                 v = ir.get_tensor(gm, args[f"weight_{branch}"]).detach().double() ** 2
                 sub = report.node_kinds.get(f"{node.name}.{branch}")

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from qlfx import ir
 from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
@@ -47,13 +46,13 @@ _METHODS = ("qr", "qr+l1", "l1")
 
 
 def _linear_parts(node: fx.Node):
-    """(input node, weight node, kind) of a conv / linear call, or None."""
+    """(input node, weight node, kind) of an aten.conv2d / aten.linear call, or None."""
     conv = ir.ConvCall.of(node)
     if conv is not None:
         return conv.input, conv.weight, "conv"
-    if node.op == "call_function" and node.target is F.linear:
-        args = list(node.args) + [None] * 3
-        return args[0], node.kwargs.get("weight", args[1]), "linear"
+    linear = ir.LinearCall.of(node)
+    if linear is not None:
+        return linear.input, linear.weight, "linear"
     return None
 
 

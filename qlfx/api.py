@@ -1,7 +1,9 @@
-"""``qlfx.compile``: model -> trace -> [pass -> verify]* -> Compiled."""
+"""``qlfx.compile``: model -> capture (torch.export) -> [pass -> verify]* -> Compiled."""
 from __future__ import annotations
 
+import copy
 import time
+from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -9,7 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from . import ir
+from . import capture as capture_module
 from .errors import UsageError
 from .pass_manager import Pass, PassContext, PassManager, Report, parse_pipeline
 from .verify import Tolerance
@@ -33,6 +35,14 @@ class Compiled:
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         return self.context.example_inputs
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self.context.dynamic_batch
+
+    def to_exported_program(self) -> torch.export.ExportedProgram:
+        """The rewritten graph as a torch.export ExportedProgram (what the emitters convert)."""
+        return capture_module.to_exported_program(self.graph_module, self.example_inputs)
 
     def to_onnx(self, path, **kwargs):
         """Write the graph as an ONNX model (see :mod:`qlfx.emit.onnx`)."""
@@ -127,6 +137,64 @@ def load_labels(labels, sets: list[tuple[torch.Tensor, ...]]) -> list[torch.Tens
     return [None if y is None else y.long() for y in parts]
 
 
+def fit_to_batch(sets: list[tuple[torch.Tensor, ...]], labels: list[torch.Tensor | None], batch: int
+                 ) -> tuple[list[tuple[torch.Tensor, ...]], list[torch.Tensor | None]]:
+    """Calibration sets of exactly ``batch`` samples, for a graph specialised to that batch size (a
+    flatten is ``view(x, [batch, -1])``): every set is cut into chunks of ``batch``; a short last chunk is
+    padded with repeats of its own samples, labelled -1 (unlabelled), so every check and accuracy count
+    sees each real sample once."""
+    out_sets, out_labels = [], []
+    for i, inputs in enumerate(sets):
+        target = labels[i] if i < len(labels) else None
+        n = inputs[0].shape[0]
+        for start in range(0, n, batch):
+            take = min(batch, n - start)
+            index = torch.arange(start, start + take)
+            if take < batch:  # repeat the chunk's own samples up to a full batch
+                index = torch.cat([index, index[torch.arange(batch - take) % take]])
+            out_sets.append(tuple(t[index] for t in inputs))
+            if labels:
+                if target is None:
+                    out_labels.append(None)
+                else:
+                    chunk = target[index].clone()
+                    chunk[take:] = -1
+                    out_labels.append(chunk)
+    return out_sets, out_labels
+
+
+@dataclass
+class Session:
+    """What a compile starts from: the model's private copy, the pipeline, the captured graph, the context."""
+
+    model: nn.Module
+    pipeline: list[Pass]
+    graph: fx.GraphModule
+    context: PassContext
+    capture_seconds: float
+
+
+def prepare(model, passes, example_inputs, calibration=None, labels=None, config=None,
+            dynamic_batch: bool = False) -> Session:
+    """Check every input (bad ones fail before any work), copy the model, capture it: what
+    :func:`compile` and :func:`qlfx.debug.bisect` both start from."""
+    example_inputs = capture_module.check_example_inputs(example_inputs)
+    _check_model(model)
+    pipeline = parse_pipeline(passes)
+    sets = load_calibration(calibration, example_inputs)
+    label_sets = load_labels(labels, sets)
+    if not dynamic_batch:  # the graph will be specialised to the example's batch size
+        sets, label_sets = fit_to_batch(sets, label_sets, example_inputs[0].shape[0])
+    model = copy.deepcopy(model)  # the checks run the forward, which may write to its own module
+    _check_runs(model, example_inputs)
+    start = time.perf_counter()
+    gm = capture_module.capture(model, example_inputs, dynamic_batch=dynamic_batch)
+    seconds = time.perf_counter() - start
+    ctx = PassContext(example_inputs=tuple(example_inputs), calibration=sets, labels=label_sets,
+                      config=dict(config or {}), dynamic_batch=bool(dynamic_batch))
+    return Session(model, pipeline, gm, ctx, seconds)
+
+
 def compile(
     model: nn.Module,
     passes: str | Iterable[str | Pass] | None = DEFAULT_PIPELINE,
@@ -137,32 +205,25 @@ def compile(
     tolerance: Tolerance | float | None = None,
     instruments: Sequence[Any] = (),
     config: dict[str, Any] | None = None,
-    leaf_modules: Iterable[type | str] = (),
+    dynamic_batch: bool = False,
     verify_inputs: int = 2,
     seed: int = 0,
 ) -> Compiled:
-    """Trace ``model`` and run ``passes`` on it, checking equivalence after every pass.
+    """Capture ``model`` with torch.export and run ``passes`` on it, checking equivalence after every pass.
 
     ``tolerance``: a float (relative to max|reference|, see :mod:`qlfx.verify`) or a Tolerance.
     ``calibration``: inputs the passes measure statistics on and every check runs on; ``labels``: their
     class indices (one per sample, negative for unlabelled ones), for accuracy budgets of lossy passes
     such as ``slice<accuracy_drop=0.5>``.
-    The user's model is never modified: tracing works on a deep copy.
+    ``dynamic_batch``: capture with a symbolic batch size (dim 0 of every input), so the graph and the
+    emitted ONNX / TVM modules run at any batch size; the checks then also run at another batch size.
+    The user's model is never modified: capture works on a deep copy.
     """
-    example_inputs = ir.check_example_inputs(example_inputs)
-    _check_model(model)
-    pipeline = parse_pipeline(passes)  # bad pass names fail before any work
-    _check_runs(model, example_inputs)
-    start = time.perf_counter()
-    gm = ir.trace(model, example_inputs, leaf_modules=leaf_modules)
-    trace_seconds = time.perf_counter() - start
-    sets = load_calibration(calibration, example_inputs)
-    ctx = PassContext(example_inputs=tuple(example_inputs), calibration=sets, labels=load_labels(labels, sets),
-                      config=dict(config or {}))
+    session = prepare(model, passes, example_inputs, calibration, labels, config, dynamic_batch)
     if isinstance(tolerance, (int, float)):
         tolerance = Tolerance(rel=float(tolerance))
-    manager = PassManager(pipeline, instruments=instruments, verify=verify, tolerance=tolerance,
+    manager = PassManager(session.pipeline, instruments=instruments, verify=verify, tolerance=tolerance,
                           verify_inputs=verify_inputs, seed=seed)
-    report = manager.check_trace(model, gm, ctx, trace_seconds)
-    gm, report = manager.run(gm, ctx, report)
-    return Compiled(gm, report, pipeline, ctx)
+    report = manager.check_trace(session.model, session.graph, session.context, session.capture_seconds)
+    gm, report = manager.run(session.graph, session.context, report)
+    return Compiled(gm, report, session.pipeline, session.context)

@@ -1,11 +1,13 @@
 """The ``qlfx`` command.
 
 Exit codes: 0 every check held; 1 a pass broke equivalence (or --bisect found one, or a compare failed); 2 bad usage or bad
-input (unknown model/pass, wrong shape, unwritable path, ...); 3 an internal error (a bug: please report).
+input (unknown model/pass, wrong shape, unwritable path, a model torch.export cannot capture, ...); 3 an internal error
+(a pass that crashed or left a malformed graph, or a bug in qlfx: please report).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 
@@ -15,8 +17,9 @@ EPILOG = """exit codes:
   0  every check held
   1  a pass broke equivalence (the failing pass and first diverging node are printed),
      --bisect found a bad pass, or `compare` found an output beyond --tolerance
-  2  bad usage or bad input (unknown model or pass, wrong input shape, unwritable path, ...)
-  3  internal error (a bug in qlfx)
+  2  bad usage or bad input (unknown model or pass, wrong input shape, unwritable path, a model
+     torch.export cannot capture: the message says where and what to do, ...)
+  3  internal error: a pass crashed or left a malformed graph (the pass and node are named), or a bug in qlfx
 
 debugging (LLVM opt / Polygraphy style):
   qlfx run MODEL --passes a,b --bisect        first bad pass and first bad rewrite site
@@ -33,8 +36,6 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="zoo name, path/file.py:factory or pkg.module:factory")
     p.add_argument("--input-shape", metavar="N,C,H,W",
                    help="example input shape (default: the zoo model's, e.g. 1,3,224,224)")
-    p.add_argument("--leaf", action="append", default=[], metavar="QUALNAME",
-                   help="keep this submodule opaque when tracing (repeatable); use for untraceable code")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="relative tolerance of the checks: max|new-ref| <= REL * max|ref| (default by dtype; fp32 1e-4)")
     run.add_argument("--no-verify", action="store_true", help="skip the equivalence checks (not recommended)")
     run.add_argument("--seed", type=int, default=0, help="seed of the random check inputs (default 0)")
+    run.add_argument("--dynamic-batch", action="store_true",
+                     help="capture with a symbolic batch size, so the result (and --emit's ONNX / TVM module) runs "
+                          "at any batch size; the checks then also run at another batch size")
     run.add_argument("--emit", choices=("onnx", "tvm"), help="write the result as ONNX or a TVM .so")
     run.add_argument("-o", "--output", metavar="PATH", help="output path for --emit")
     run.add_argument("--target", default="llvm", help="TVM target for --emit tvm: llvm or cuda (default llvm)")
@@ -82,9 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tuning-db", metavar="DIR", help="persistent tuning database folder for --emit tvm")
     run.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     run.add_argument("--bisect", action="store_true",
-                     help="instead of stopping at the first failing check, bisect over how many passes and "
-                          "then how many rewrites run to find the first pass and rewrite site that break "
-                          "equivalence with the model (exit 1 when found, 0 when nothing breaks)")
+                     help="instead of stopping at the first failing check, find the first pass that breaks its "
+                          "contract (checked as `run` checks it) and bisect over how many rewrites it makes to "
+                          "the first bad rewrite site (exit 1 when found, 0 when nothing breaks)")
     run.add_argument("--report", metavar="FILE.html|FILE.md",
                      help="write a per-pass report: contract, changed nodes, errors, params, MACs, time, picture "
                           "(written also when a pass fails)")
@@ -164,7 +168,7 @@ def cmd_run(args) -> int:
     from . import debug
     from . import instruments as ins
     from .api import compile as qlfx_compile
-    from .errors import EquivalenceError, UsageError
+    from .errors import EquivalenceError, PassError, UsageError
     from .io import atomic_write
     from .loading import load_array, load_label_array, load_model
 
@@ -179,10 +183,13 @@ def cmd_run(args) -> int:
         raise UsageError(f"--report '{args.report}' must end in .html or .md")
     model = load_model(args.model)
     example = _example_inputs(args)
+    calibration = load_array(args.calibration) if args.calibration else None
+    if args.labels and calibration is None:
+        raise UsageError("--labels needs --calibration: the labels belong to the calibration inputs")
+    labels = load_label_array(args.labels) if args.labels else None
     if args.bisect:
-        calibration = load_array(args.calibration) if args.calibration else None
         found = debug.bisect(model, args.passes, example, tolerance=args.tolerance, calibration=calibration,
-                             leaf_modules=args.leaf, seed=args.seed)
+                             labels=labels, dynamic_batch=args.dynamic_batch, seed=args.seed)
         print(found)
         return EXIT_NOT_EQUIVALENT if found.found else EXIT_OK
     instruments = []
@@ -201,16 +208,12 @@ def cmd_run(args) -> int:
     collector = debug.ReportCollector() if args.report else None
     if collector:
         instruments.append(collector)
-    calibration = load_array(args.calibration) if args.calibration else None
-    if args.labels and calibration is None:
-        raise UsageError("--labels needs --calibration: the labels belong to the calibration inputs")
-    labels = load_label_array(args.labels) if args.labels else None
     title = f"qlfx run {args.model} --passes {args.passes}"
     try:
         compiled = qlfx_compile(model, passes=args.passes, example_inputs=example, calibration=calibration, labels=labels,
                                 verify=not args.no_verify, tolerance=args.tolerance, instruments=instruments,
-                                leaf_modules=args.leaf, seed=args.seed)
-    except EquivalenceError as err:
+                                dynamic_batch=args.dynamic_batch, seed=args.seed)
+    except (EquivalenceError, PassError) as err:
         if collector:
             debug.adopt_report_times(collector, err.report)
             path = debug.write_report(args.report, collector, title, error=str(err))
@@ -316,7 +319,7 @@ def cmd_symmetry(args) -> int:
         raise UsageError(f"qlfx.symmetry has no analyze/format_report in this build ({err})") from err
     model = load_model(args.model)
     compiled = qlfx_compile(model, passes="fold-bn,constant-fold,dce", example_inputs=_example_inputs(args),
-                            leaf_modules=args.leaf, seed=args.seed)
+                            seed=args.seed)
     print(format_report(analyze(compiled.graph_module)))
     return EXIT_OK
 
@@ -325,8 +328,21 @@ COMMANDS = {"passes": cmd_passes, "models": cmd_models, "run": cmd_run, "diff": 
             "compare": cmd_compare, "symmetry": cmd_symmetry}
 
 
+def _where_raised(error: BaseException) -> str:
+    """'my_passes.py:12 in run': the innermost frame of the error's traceback in the pass's own code
+    (not in torch or qlfx's core), or ''."""
+    import torch
+
+    library = (os.path.dirname(torch.__file__), os.path.dirname(__file__))
+    frames = [f for f in traceback.extract_tb(error.__traceback__) if not f.filename.startswith(library)]
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f"{os.path.basename(last.filename)}:{last.lineno} in {last.name}"
+
+
 def main(argv=None) -> int:
-    from .errors import EquivalenceError, UsageError
+    from .errors import EquivalenceError, PassError, UsageError
 
     parser = build_parser()
     try:
@@ -343,6 +359,13 @@ def main(argv=None) -> int:
             print(err.report)
         print(f"\nerror: {err}", file=sys.stderr)
         return EXIT_NOT_EQUIVALENT
+    except PassError as err:  # contained: the pass and node are named, the traceback would only repeat it
+        if err.report is not None:
+            print(err.report)
+        where = _where_raised(err.error)
+        print(f"\nerror: {err}" + (f"\n  ({type(err.error).__name__} raised at {where})" if where else ""),
+              file=sys.stderr)
+        return EXIT_INTERNAL
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

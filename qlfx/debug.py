@@ -3,11 +3,14 @@
 After LLVM ``opt`` (``-opt-bisect-limit``, ``-print-changed``) and Polygraphy (``debug reduce``,
 ``run --compare`` with the smallest passing tolerance):
 
-- :func:`bisect` finds the first pass, and inside it the first rewrite site, after which the graph no
-  longer computes the model's function. Two binary searches: over ``k`` = how many passes run (the graph
-  after passes ``1..k`` is checked end to end against the traced input), then over ``r`` = how many
-  rewrites the culprit may apply (``PassContext.rewrite_limit``; passes call ``ctx.allow_rewrite()``
-  before each site). Assumes, as LLVM does, that once broken a prefix stays broken.
+- :func:`bisect` finds the first pass, and inside it the first rewrite site, that breaks the pass's
+  own contract — judged exactly as the pass manager judges it (each pass against the graph before it,
+  with :meth:`PassManager._tolerance_for`: ``exact`` at tolerance 0, ``equivalent`` at the dtype
+  tolerance, ``lossy`` within its budgets), so ``--bisect`` and ``run`` always agree on the pass. The
+  pass is found by the pass manager itself; then a binary search over ``r`` = how many rewrites the
+  culprit may apply (``PassContext.rewrite_limit``; passes call ``ctx.allow_rewrite()`` before each
+  site) finds the first bad site. Assumes, as LLVM does, that once broken a prefix of rewrites stays
+  broken.
 - :func:`diff_stages` compares two dumped stages (``--dump-dir`` files) node by node.
 - :func:`compare_artifact` runs the model and an ``.onnx`` / TVM ``.so`` artifact on the same inputs and
   gives per-output errors and the smallest tolerance that would pass.
@@ -16,9 +19,10 @@ After LLVM ``opt`` (``-opt-bisect-limit``, ``-print-changed``) and Polygraphy (`
 """
 from __future__ import annotations
 
+import copy
 import difflib
 import html
-import re
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,67 +30,67 @@ from typing import Any, Sequence
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
-from . import ir
-from .errors import UsageError
-from .instruments import Instrument, graph_code
-from .verify import Tolerance, check_equivalence, first_divergence, random_inputs
+from . import capture, ir
+from .errors import EquivalenceError, PassError, UsageError
+from .graphviz import dot_available, render_svg, to_dot
+from .instruments import Instrument, graph_code, parse_graph_code, touched_nodes
+from .io import atomic_write, ensure_writable_dir
+from .verify import (Tolerance, _merge, compare_tensor, first_divergence, random_inputs,
+                     run_outputs)
 
-# ------------------------------------------------------------------------------------------- FLOPs
+aten = torch.ops.aten
+
+# ------------------------------------------------------------------------------------------- MACs
+_CONVS = (aten.conv1d, aten.conv2d, aten.conv3d, aten.convolution)
+_MATMULS = (aten.mm, aten.bmm, aten.matmul)
 
 
 def count_macs(gm: fx.GraphModule) -> int:
-    """Multiply-accumulates of the conv / linear / fused-product nodes, from shapes (tensor_meta).
+    """Multiply-accumulates of the conv / linear / matmul / branch-product nodes, from their vals.
 
-    conv: ``numel(out) * Cin/groups * kh * kw``; linear: ``numel(out) * in_features``; branch_product:
-    its two convs. Everything else (elementwise, pooling, norms) is ignored: it is memory-bound and
-    small next to these.
+    conv: ``numel(out) * Cin/groups * prod(kernel)`` (a transposed conv: ``numel(in) * ...``);
+    linear: ``numel(out) * in_features``; (add)mm, bmm, matmul: ``numel(out) * k``; branch_product: its
+    two convs. Everything else (elementwise, pooling, norms) is ignored: it is memory-bound and small
+    next to these. A symbolic batch size counts as the example inputs' batch.
     """
+    examples = gm.meta.get("qlfx_example_inputs") or ()
+    batch = int(examples[0].shape[0]) if examples and examples[0].dim() > 0 else None
+
+    def size(d) -> int:
+        if isinstance(d, int):
+            return d
+        return batch if batch is not None else int(d.node.hint)
+
+    def numel(node) -> int:
+        s = ir.shape(node)
+        return math.prod(size(d) for d in s) if s is not None else 0
+
+    def dims(node) -> tuple[int, ...]:
+        return tuple(size(d) for d in (ir.shape(node) or ()))
+
     macs = 0
     for n in gm.graph.nodes:
-        out = ir.shape(n)
-        if out is None:
-            continue
-        numel = 1
-        for d in out:
-            numel *= d
-        conv = ir.ConvCall.of(n)
-        if conv is not None:
-            w = ir.shape(conv.weight)
-            if w is not None:
-                macs += numel * w[1] * w[2] * w[3]
-        elif n.op == "call_function" and n.target is F.linear:
-            w = ir.shape(n.args[1]) if len(n.args) > 1 and isinstance(n.args[1], fx.Node) else None
-            if w is not None:
-                macs += numel * w[1]
-        elif n.op == "call_function" and "branch_product" in str(n.target):
-            wa, wb = (ir.shape(a) if isinstance(a, fx.Node) else None for a in (n.args[1], n.args[3]))
-            if wa is not None:
-                macs += numel * wa[1]
-            if wb is not None:
-                macs += numel * wb[1] * wb[2] * wb[3]
+        a = ir.op_args(n)
+        if ir.is_op(n, *_CONVS):
+            w = dims(a["weight"])
+            macs += (numel(a["input"]) if a.get("transposed") else numel(n)) * math.prod(w[1:])
+        elif ir.is_op(n, aten.linear):
+            macs += numel(n) * dims(a["weight"])[-1]
+        elif ir.is_op(n, aten.addmm):
+            macs += numel(n) * dims(a["mat1"])[-1]
+        elif ir.is_op(n, *_MATMULS):
+            macs += numel(n) * dims(a["self"])[-1]
+        elif ir.is_op(n, torch.ops.qlfx.branch_product):
+            wa, wb = dims(a["weight_a"]), dims(a["weight_b"])
+            macs += numel(n) * (math.prod(wa[1:]) + math.prod(wb[1:]))
     return macs
 
 
 # ------------------------------------------------------------------------------------ node diffs
-_ASSIGN = re.compile(r"^\s{4,}([A-Za-z_][A-Za-z0-9_]*)\s*=\s*(.+?)\s*(?:;\s*.*)?$")
-
-
-def parse_graph_code(code: str) -> dict[str, str]:
-    """``name -> right-hand side`` for every assignment in a stage's code (fx writes one node a line;
-    ``; name = None`` frees are dropped)."""
-    nodes: dict[str, str] = {}
-    for line in code.splitlines():
-        m = _ASSIGN.match(line)
-        if m and m.group(2) != "None":
-            nodes[m.group(1)] = m.group(2)
-    return nodes
-
-
 @dataclass
 class StageDiff:
-    """Node-level difference between two stages (names are fx node names)."""
+    """Node-level difference between two stages (names are node names)."""
 
     a_name: str
     b_name: str
@@ -111,22 +115,15 @@ class StageDiff:
         return "\n".join(parts)
 
 
-_FREES = re.compile(r";\s+(?:[A-Za-z_][A-Za-z0-9_]*\s*=\s*)+None\s*$")
-
-
-def _normalise(code: str) -> list[str]:
-    """Code lines without comments and without fx's ``;  a = b = None`` frees (codegen noise that
-    changes whenever a later use moves)."""
-    return [_FREES.sub("", l).rstrip() for l in code.splitlines() if not l.startswith("#")]
-
-
 def diff_code(a_code: str, b_code: str, a_name: str = "A", b_name: str = "B", width: int = 160) -> StageDiff:
+    """Diff two listings (:func:`qlfx.instruments.graph_code`): nodes by name, and the code."""
     a_nodes, b_nodes = parse_graph_code(a_code), parse_graph_code(b_code)
-    a_lines, b_lines = _normalise(a_code), _normalise(b_code)
+    a_lines = [l.rstrip() for l in a_code.splitlines() if not l.startswith("#")]
+    b_lines = [l.rstrip() for l in b_code.splitlines() if not l.startswith("#")]
     unified = "\n".join(difflib.unified_diff(a_lines, b_lines, a_name, b_name, lineterm=""))
     # Side by side, aligned on node names: a row holds the same node in both stages ('|' when its
     # line changed), '<' a node only in A, '>' a node only in B.
-    key = lambda l: (m.group(1) if (m := _ASSIGN.match(l)) else l)  # noqa: E731
+    key = lambda l: next(iter(parse_graph_code(l)), l)  # noqa: E731
     col = max(20, (width - 3) // 2)
     cut = lambda l: l if len(l) <= col else l[: col - 1] + "~"  # noqa: E731
     rows = []
@@ -169,10 +166,11 @@ def changed_nodes(before: fx.GraphModule, after: fx.GraphModule) -> StageDiff:
 # --------------------------------------------------------------------------------------- bisect
 @dataclass
 class BisectResult:
-    """The first pass (1-based ``pass_index`` in the pipeline) after which the graph is no longer
-    equivalent to the model, and, for passes that count their rewrites, the first bad rewrite
-    (1-based ``rewrite_index``) and its ``site``. ``pass_name`` is None when nothing broke, and
-    ``"(trace)"`` (index 0) when the traced graph itself differs from the model."""
+    """The first pass (1-based ``pass_index`` in the pipeline) that breaks its contract, and, for passes
+    that count their rewrites, the first bad rewrite (1-based ``rewrite_index``) and its ``site`` (for a
+    pass that raised: the node it was working on). ``contract`` is the culprit's, the standard it was
+    judged by. ``pass_name`` is None when nothing broke, and ``"(trace)"`` (index 0) when the traced
+    graph itself differs from the model."""
 
     pass_name: str | None
     pass_index: int | None
@@ -180,8 +178,9 @@ class BisectResult:
     site: str | None = None
     rewrites_total: int | None = None
     error: str | None = None  # the check summary, or the exception the pass/graph raised
-    divergence: Any = None    # qlfx.verify.Divergence at the first bad rewrite, when found
+    divergence: Any = None    # qlfx.verify.Divergence at the first bad rewrite (or of the whole pass)
     runs: int = 0             # how many graphs were checked
+    contract: str | None = None
 
     @property
     def found(self) -> bool:
@@ -189,8 +188,9 @@ class BisectResult:
 
     def __str__(self) -> str:
         if not self.found:
-            return f"bisect: no pass broke equivalence ({self.runs} check(s))"
-        lines = [f"bisect: first bad pass: #{self.pass_index} '{self.pass_name}'"]
+            return f"bisect: no pass broke its contract ({self.runs} check(s))"
+        contract = f" ({self.contract} contract)" if self.contract else ""
+        lines = [f"bisect: first bad pass: #{self.pass_index} '{self.pass_name}'{contract}"]
         if self.rewrite_index is not None:
             lines.append(f"  first bad rewrite: #{self.rewrite_index} of {self.rewrites_total}: {self.site}")
         elif self.rewrites_total == 0:
@@ -204,143 +204,99 @@ class BisectResult:
         return "\n".join(lines)
 
 
-def _apply_pass(p, gm: fx.GraphModule, ctx, limit: int | None):
-    """Run one pass on a copy of ``gm`` the way PassManager does (lint, recompile, provenance, shapes)."""
-    candidate = ir.copy_graph_module(gm)
-    ctx.rewrite_limit = limit
-    ctx._rewrites_done = 0
+def _judge(manager, p, before: fx.GraphModule, candidate: fx.GraphModule, ctx, inputs, reference_outputs) -> str | None:
+    """Why ``candidate`` (``p`` applied to ``before``) fails ``p``'s check, or None: the check
+    PassManager.run makes after every pass."""
     try:
-        result = p.run(candidate, ctx)
-        candidate.graph.lint()
-        candidate.recompile()
-        ir.stamp_origin(candidate, p.name)
-        ir.propagate_shapes(candidate, ctx.example_inputs)
-    finally:
-        done = ctx._rewrites_done
-        ctx.rewrite_limit = None
-    return candidate, result, done
+        check, _ = manager.check_pass(p, before, candidate, ctx, inputs, reference_outputs)
+    except PassError as err:  # a graph that no longer runs is broken
+        return f"the graph fails to run: {type(err.error).__name__}: {err.error}"
+    return None if check.passed else check.summary()
 
 
 def bisect(model, passes, example_inputs, *, tolerance: Tolerance | float | None = None, calibration=None,
-           config=None, leaf_modules=(), seed: int = 0, verify_inputs: int = 2) -> BisectResult:
-    """Find the first pass, then the first rewrite of that pass, that breaks equivalence with the model.
+           labels=None, config=None, dynamic_batch: bool = False, seed: int = 0,
+           verify_inputs: int = 2) -> BisectResult:
+    """Find the first pass, then the first rewrite of that pass, that breaks the pass's contract.
 
-    The check at each probe: the graph after the probe against the model itself, on
-    ``verify_inputs`` seeded random inputs plus the calibration sets, with ``tolerance`` (default: the
-    dtype's; lossy passes add their budgets). A pass or graph that raises counts as broken.
+    The arguments mean what they mean for :func:`qlfx.compile`; every check is the pass manager's (the
+    same input sets, tolerances and accuracy budgets), so a pipeline ``qlfx.compile`` rejects always
+    has a culprit here, and the same one. A pass that raises is the culprit too, with the node it was
+    working on as the site.
     """
-    from .api import _check_model, _check_runs, load_calibration
-    from .pass_manager import PassContext, parse_pipeline
+    from .api import prepare
+    from .pass_manager import PassManager
 
-    example_inputs = ir.check_example_inputs(example_inputs)
-    _check_model(model)
-    pipeline = parse_pipeline(passes)
-    _check_runs(model, example_inputs)
-    reference = ir.trace(model, example_inputs, leaf_modules=leaf_modules)
-    ctx = PassContext(example_inputs=tuple(example_inputs),
-                      calibration=load_calibration(calibration, example_inputs), config=dict(config or {}))
+    session = prepare(model, passes, example_inputs, calibration, labels, config, dynamic_batch)
+    model, pipeline, gm, ctx = session.model, session.pipeline, session.graph, session.context
     if isinstance(tolerance, (int, float)):
         tolerance = Tolerance(rel=float(tolerance))
-    base = tolerance or Tolerance()
-    inputs = random_inputs(example_inputs, seed, verify_inputs) + list(ctx.calibration)
-    state = {"runs": 0}
+    manager = PassManager(pipeline, tolerance=tolerance, verify_inputs=verify_inputs, seed=seed)
 
-    def tolerance_upto(k: int) -> Tolerance:
-        rel = base.rel_for(example_inputs[0].dtype)
-        for p in pipeline[:k]:
-            if p.contract == "lossy":
-                budget, _ = p.lossy_budgets()
-                # a pass with only an accuracy budget may move the outputs freely (NaN/Inf still fail)
-                rel = float("inf") if budget is None else rel + budget
-        return Tolerance(rel=rel, abs=base.abs)
-
-    def broken(gm, k) -> str | None:
-        state["runs"] += 1
-        try:
-            # Against the user's model itself, so a wrong trace shows up as stage 0.
-            check = check_equivalence(model, gm, inputs, tolerance_upto(k))
-        except Exception as err:  # a graph that no longer runs is broken
-            return f"the graph fails to run: {type(err).__name__}: {err}"
-        return None if check.passed else check.summary()
-
-    # Stages after 0..k passes, computed lazily (each needs the previous one).
-    stages: list[fx.GraphModule] = [reference]
-    stage_errors: dict[int, str] = {}
-
-    def stage(k: int) -> fx.GraphModule | None:
-        while len(stages) <= k and len(stages) not in stage_errors:
-            i = len(stages)
-            try:
-                gm, _, _ = _apply_pass(pipeline[i - 1], stages[-1], ctx, None)
-            except Exception as err:
-                stage_errors[i] = f"pass '{pipeline[i - 1].name}' raised {type(err).__name__}: {err}"
-                return None
-            stages.append(gm)
-        return stages[k] if k < len(stages) else None
-
-    def bad_after(k: int) -> str | None:
-        gm = stage(k)
-        if gm is None:
-            return next(iter(stage_errors.values()))
-        return broken(gm, k)
-
-    n = len(pipeline)
-    last_error = bad_after(n)
-    if last_error is None:
-        return BisectResult(None, None, runs=state["runs"])
-    trace_error = bad_after(0)
-    if trace_error is not None:
-        return BisectResult("(trace)", 0, error=f"the traced graph already differs from the model: {trace_error}",
-                            runs=state["runs"])
-    lo, hi = 0, n  # invariant: prefix lo is good, prefix hi is bad
-    errors = {n: last_error}
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        err = bad_after(mid)
-        if err is None:
-            lo = mid
-        else:
-            hi = mid
-            errors[mid] = err
-    culprit, good = pipeline[hi - 1], stages[hi - 1]
-    result = BisectResult(culprit.name, hi, error=errors[hi], runs=state["runs"])
-
-    # Inside the culprit: how many rewrites does it make, and which is the first bad one?
+    # 1. The pass: the pass manager's own run, which checks every pass against the graph before it.
     try:
-        _, _, total = _apply_pass(culprit, good, ctx, None)
-    except Exception:
-        total = 0
+        manager.run(gm, ctx, manager.check_trace(model, gm, ctx))
+    except EquivalenceError as err:
+        if err.pass_name == "trace":
+            return BisectResult("(trace)", 0, error=f"the traced graph already differs from the model: "
+                                                    f"{err.check.summary()}", runs=1)
+        index = len(err.report.rows) - 1  # the rows: (trace), the passes that held, the culprit
+        culprit, good = pipeline[index - 1], err.last_good
+        result = BisectResult(culprit.name, index, error=err.check.summary(), divergence=err.divergence,
+                              runs=index + 1, contract=culprit.contract)
+    except PassError as err:
+        index = len(err.report.rows)  # the rows: (trace) and the passes before the culprit
+        return BisectResult(err.pass_name, index, site=err.node, error=str(err).splitlines()[0], runs=index,
+                            contract=pipeline[index - 1].contract)
+    else:
+        return BisectResult(None, None, runs=len(pipeline) + 1)
+
+    # 2. The rewrite: how many does the culprit make, and which is the first that breaks its check?
+    inputs = manager.input_sets(ctx)
+    reference = [run_outputs(good, i) for i in inputs]
+    probes: dict[int | None, tuple[str | None, fx.GraphModule | None, Any]] = {}
+
+    def apply(limit: int | None):
+        ctx.rewrite_limit = limit
+        try:
+            candidate, res = manager.apply(culprit, good, ctx)
+            return candidate, res, ctx.rewrites_done
+        finally:
+            ctx.rewrite_limit = None
+
+    def probe(limit: int):
+        if limit not in probes:
+            try:
+                candidate, res, _ = apply(limit)
+            except PassError as err:
+                probes[limit] = (str(err).splitlines()[0], None, None)
+            else:
+                result.runs += 1
+                probes[limit] = (_judge(manager, culprit, good, candidate, ctx, inputs, reference), candidate, res)
+        return probes[limit]
+
+    _, _, total = apply(None)
     result.rewrites_total = total
     if total == 0:
         return result
-
-    def bad_with(limit: int):
-        try:
-            gm, res, _ = _apply_pass(culprit, good, ctx, limit)
-        except Exception as err:
-            return f"pass '{culprit.name}' raised {type(err).__name__}: {err}", None, None
-        return broken(gm, hi), gm, res
-
-    rlo, rhi = 0, total  # rewrites rlo: good; rhi: bad (the full run is bad)
-    while rhi - rlo > 1:
-        mid = (rlo + rhi) // 2
-        err, _, _ = bad_with(mid)
-        if err is None:
-            rlo = mid
+    lo, hi = 0, total  # rewrites lo: good (nothing rewritten); hi: bad (the full run failed the check)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if probe(mid)[0] is None:
+            lo = mid
         else:
-            rhi = mid
-    err, gm, res = bad_with(rhi)
-    if err is None:
-        # Not monotone in the rewrite count (or the check is noisy): report the pass only.
-        return result
-    result.rewrite_index, result.error, result.runs = rhi, err, state["runs"]
+            hi = mid
+    error, candidate, res = probe(hi)
+    if error is None:
+        return result  # not monotone in the rewrite count (or the check is noisy): report the pass only
+    result.rewrite_index, result.error = hi, error
     if res is not None and res.rewrites:
-        result.site = res.rewrites[-1] if len(res.rewrites) <= rhi else res.rewrites[rhi - 1]
-    if gm is not None:
-        before, _, _ = _apply_pass(culprit, good, ctx, rhi - 1)
+        result.site = res.rewrites[min(hi, len(res.rewrites)) - 1]
+    if candidate is not None:
         try:
-            result.divergence = first_divergence(before, gm, inputs[0], tolerance_upto(hi))
-        except Exception:
+            before = probes[lo][1] if lo in probes else apply(lo)[0]
+            result.divergence = first_divergence(before, candidate, inputs[0], manager._tolerance_for(culprit))
+        except Exception:  # noqa: BLE001 - the site is known; the node-level search is a bonus
             result.divergence = None
     return result
 
@@ -405,8 +361,6 @@ def compare_artifact(model, artifact: str | Path, example_inputs: Sequence[torch
     (:func:`qlfx.verify.compare_tensor`)."""
     import numpy as np
 
-    from .verify import _merge, compare_tensor, run_outputs
-
     path = Path(artifact)
     if not path.is_file():
         raise UsageError(f"artifact '{path}' does not exist (write one with `qlfx run MODEL --emit onnx -o {path}`)")
@@ -414,8 +368,9 @@ def compare_artifact(model, artifact: str | Path, example_inputs: Sequence[torch
         tolerance = Tolerance(rel=float(tolerance))
     tol = tolerance or Tolerance(rel=1e-4)
     engine, run = _artifact_runner(path)
+    model = copy.deepcopy(model)  # a forward may write to its module; the user's stays as it was
     worst: list = []
-    sets = random_inputs(ir.check_example_inputs(example_inputs), seed, count)
+    sets = random_inputs(capture.check_example_inputs(example_inputs), seed, count)
     for inputs in sets:
         refs = run_outputs(model, inputs)
         try:
@@ -452,27 +407,10 @@ class StageRecord:
     failed: bool = False
 
 
-def highlighted_dot(gm: fx.GraphModule, names, title: str = "") -> str:
-    """:func:`qlfx.graphviz.to_dot` with the nodes in ``names`` filled orange (the nodes a pass added or
-    whose arguments it changed; provenance alone misses rewired nodes, e.g. a conv given folded weights)."""
-    from .graphviz import to_dot
-
-    names = set(names)
-    lines = []
-    for line in to_dot(gm, title=title).splitlines():
-        m = re.match(r'^  "([^"]+)" \[label=', line)
-        if m and m.group(1) in names and "fillcolor" not in line and line.endswith("];"):
-            line = line[:-2] + ', style=filled, fillcolor="#ffb347"];'
-        lines.append(line)
-    return "\n".join(lines) + "\n"
-
-
 class ReportCollector(Instrument):
     """Records every stage for :func:`write_report`: node diff, params, MACs, time, picture."""
 
     def __init__(self, pictures: bool = True):
-        from .graphviz import dot_available
-
         self.pictures = pictures
         self.svg_problem = None if dot_available() else (
             "Graphviz `dot` is not installed: the report has no pictures (apt-get install graphviz)")
@@ -481,17 +419,15 @@ class ReportCollector(Instrument):
         self._t0 = 0.0
 
     def _picture(self, gm, names, title):
-        from .graphviz import render_svg
-
         if not self.pictures:
             return None, None
-        dot = highlighted_dot(gm, names, title=title)
+        dot = to_dot(gm, highlight=names, title=title)
         if self.svg_problem:
             return None, dot
         try:
             svg = render_svg(dot).decode()
             return svg[svg.find("<svg"):] if "<svg" in svg else svg, dot
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 - a report without pictures beats no report
             self.svg_problem = f"SVG drawing failed: {err}"
             return None, dot
 
@@ -518,7 +454,7 @@ class ReportCollector(Instrument):
 
 def adopt_report_times(collector: ReportCollector, report) -> None:
     """Replace the collector's wall times (which include other instruments' work) by the pass manager's
-    own per-pass seconds (pass run + shape propagation)."""
+    own per-pass seconds (pass run + val refresh)."""
     rows = [r for r in getattr(report, "rows", [])][1:]
     for stage, row in zip(collector.stages[1:], rows):
         if row.pass_name == stage.name:
@@ -621,8 +557,6 @@ def render_html(stages: Sequence[StageRecord], title: str = "qlfx report", error
 
 def write_report(path: str | Path, collector: ReportCollector, title: str = "qlfx report", error: str | None = None) -> Path:
     """Write ``.html`` (inline SVG pictures) or ``.md`` (pictures as separate SVG files beside it)."""
-    from .io import atomic_write
-
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".html", ".htm"):
@@ -643,24 +577,18 @@ def write_report(path: str | Path, collector: ReportCollector, title: str = "qlf
 
 class SvgDir(Instrument):
     """Writes an SVG of every stage (``000_input.svg``, ``001_fold-bn.svg``, ...) with the nodes the pass
-    made highlighted. Without Graphviz it writes the .dot files and says so in ``problem``."""
+    added or changed highlighted. Without Graphviz it writes the .dot files and says so in ``problem``."""
 
     def __init__(self, directory):
-        from .graphviz import dot_available
-        from .io import ensure_writable_dir
-
         self.directory = ensure_writable_dir(directory)
         self.problem = None if dot_available() else (
             "Graphviz `dot` is not installed, so only .dot files were written to "
             f"{self.directory} (install it: apt-get install graphviz; or open the .dot files in a viewer)")
         self.written: list[Path] = []
-        self._before = ""
+        self._before: dict[str, str] = {}
 
     def _write(self, stem, gm, names, title):
-        from .graphviz import render_svg
-        from .io import atomic_write
-
-        dot = highlighted_dot(gm, names, title=title)
+        dot = to_dot(gm, highlight=names, title=title)
         if self.problem:
             self.written.append(atomic_write(self.directory / f"{stem}.dot", dot))
         else:
@@ -670,8 +598,7 @@ class SvgDir(Instrument):
         self._write("000_input", gm, (), "input graph")
 
     def before_pass(self, index, pass_, gm):
-        self._before = graph_code(gm)
+        self._before = parse_graph_code(graph_code(gm))
 
     def after_pass(self, index, pass_, gm, result, check):
-        d = diff_code(self._before, graph_code(gm))
-        self._write(f"{index:03d}_{pass_.name}", gm, d.added + d.changed, f"after {pass_.name}")
+        self._write(f"{index:03d}_{pass_.name}", gm, touched_nodes(self._before, gm), f"after {pass_.name}")

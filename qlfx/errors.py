@@ -11,7 +11,7 @@ class UsageError(QlfxError, ValueError):
 
 
 class TraceError(UsageError):
-    """The model could not be traced into the IR."""
+    """The model could not be captured into the IR (torch.export failed on it)."""
 
 
 class UnknownPassError(UsageError, KeyError):
@@ -47,11 +47,33 @@ class EquivalenceError(QlfxError):
         if pass_name == "trace":
             QlfxError.__init__(
                 self, f"the traced graph does not compute what the model computes: {check.summary()}\n"
-                      f"  qlfx's functional form of some layer differs from the module; keep such modules opaque "
-                      f"with leaf_modules=[...] (CLI --leaf) and please report it")
+                      f"  the captured graph differs from the model: the forward may depend on state or "
+                      f"randomness the capture froze (a counter, a cache, dropout in eval...); please report it")
             return
         super().__init__(
             f"pass '{pass_name}' broke equivalence: {check.summary()}{where}\n"
             f"  the graph before '{pass_name}' is kept as .last_good; rerun without this pass, or "
             f"with --bisect to find the rewrite site"
+        )
+
+
+class PassError(QlfxError):
+    """A pass raised, or left a graph that is not well formed. The CLI exits 3 on these.
+
+    Attributes: ``pass_name``; ``node`` (the name of the node the pass was working on, or None);
+    ``error`` (the exception); ``last_good`` (the GraphModule before the pass); ``report``.
+    """
+
+    def __init__(self, pass_name, error, node=None, last_good=None, report=None, stage="raised"):
+        self.pass_name = pass_name
+        self.error = error
+        self.node = node
+        self.last_good = last_good
+        self.report = report
+        where = f" while working on node {node}" if node else ""
+        said = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        super().__init__(
+            f"pass '{pass_name}' {stage}{where}: {type(error).__name__}: {said}\n"
+            f"  this is a bug in '{pass_name}', not in your model; the graph before it is kept as .last_good. "
+            f"Rerun without this pass (or with --bisect) and please report it with the model."
         )

@@ -1,36 +1,64 @@
 """Graph pictures: Graphviz DOT text for a stage, and SVG when the `dot` program is installed.
 
-Nodes created by a given pass are filled orange, so a picture shows what that pass changed.
+One box per computed value: its name (from the module path), the op (``conv2d 3x3/2 g8``,
+``batch_norm``, ``branch_product``) and its dtype and shape. Stored weights are left out (the listing
+has them). The nodes named in ``highlight`` — those a pass added or changed — are filled orange, so a
+picture shows what the pass did.
 """
 from __future__ import annotations
 
 import shutil
 import subprocess
+from typing import Iterable
 
 import torch.fx as fx
 
-from .ir import ORIGIN, shape
+from . import ir
+from .instruments import value_type
+
+HIGHLIGHT = "#ffb347"
+ENDPOINT = "#d0e0ff"
+
+
+def _quote(text: str) -> str:
+    return text.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def _op_detail(node: fx.Node) -> str:
+    """The op and what distinguishes it at a glance: kernel, stride, groups of a conv."""
+    if node.op != "call_function":
+        return "input" if node.op == "placeholder" else node.op
+    conv = ir.ConvCall.of(node)
+    if conv is None or conv.kernel is None:
+        return ir.op_name(node)
+    detail = "x".join(map(str, conv.kernel))
+    if conv.stride != (1, 1):
+        detail += f"/{conv.stride[0]}" if conv.stride[0] == conv.stride[1] else f"/{conv.stride}"
+    if conv.groups != 1:
+        detail += f" g{conv.groups}"
+    return f"conv2d {detail}"
 
 
 def _label(node: fx.Node) -> str:
-    target = getattr(node.target, "__name__", str(node.target))
-    s = shape(node)
-    dims = "x".join(map(str, s)) if s else ""
-    return f"{node.name}\\n{node.op}: {target}" + (f"\\n[{dims}]" if dims else "")
+    op = _op_detail(node)
+    parts = (node.name, "" if op in node.name else op, value_type(ir.val(node)))  # 'view_1' names its op already
+    return "\\n".join(_quote(part) for part in parts if part)
 
 
-def to_dot(gm: fx.GraphModule, highlight_origin: str | None = None, title: str = "") -> str:
+def to_dot(gm: fx.GraphModule, highlight: Iterable[str] = (), title: str = "") -> str:
+    """DOT text of ``gm``; the nodes named in ``highlight`` are filled orange."""
+    highlight = set(highlight)
     lines = ["digraph qlfx {", '  rankdir=TB; node [shape=box, fontsize=10, fontname="Helvetica"];']
     if title:
-        lines.append(f'  label="{title}"; labelloc=t;')
+        lines.append(f'  label="{_quote(title)}"; labelloc=t;')
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            continue  # weights clutter the picture; they show in the code dump
+            continue
         style = ""
-        if highlight_origin is not None and node.meta.get(ORIGIN) == highlight_origin:
-            style = ', style=filled, fillcolor="#ffb347"'
+        if node.name in highlight:
+            style = f', style=filled, fillcolor="{HIGHLIGHT}"'
         elif node.op in ("placeholder", "output"):
-            style = ', style=filled, fillcolor="#d0e0ff"'
+            style = f', style=filled, fillcolor="{ENDPOINT}"'
         lines.append(f'  "{node.name}" [label="{_label(node)}"{style}];')
         for arg in node.all_input_nodes:
             if arg.op != "get_attr":

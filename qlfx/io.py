@@ -1,18 +1,19 @@
 """Atomic file output: a file is either written whole or not at all."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
+from pathlib import Path
+
+from .errors import UsageError
+
 
 def _umask_mode() -> int:
     """The mode a plainly created file gets (mkstemp's 0600 would hide outputs from other users)."""
     mask = os.umask(0)
     os.umask(mask)
     return 0o666 & ~mask
-
-from pathlib import Path
-
-from .errors import UsageError
 
 
 def ensure_writable_dir(directory: str | os.PathLike) -> Path:
@@ -46,7 +47,6 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
 
 def atomic_output(path: str | os.PathLike):
     """Context manager giving a temporary path to write to; moved onto ``path`` only on success."""
-    import contextlib
 
     @contextlib.contextmanager
     def _cm():

@@ -1,244 +1,237 @@
-"""The qlfx IR: a torch.fx GraphModule in a canonical, functional form.
+"""The qlfx IR: a functional ATen graph in a torch.fx GraphModule (made by :mod:`qlfx.capture`).
 
-Canonical form, which every pass may rely on:
-- parameters and buffers are read by ``get_attr`` nodes; standard layers are ``call_function`` nodes
-  on ``torch.nn.functional`` / ``torch`` (``torch.conv2d``, ``F.linear``, ``F.batch_norm``, ``F.relu``,
-  ...). Layers qlfx does not know stay ``call_module`` (opaque, still runnable);
-- ``node.meta["tensor_meta"]`` holds shape and dtype of every tensor value (torch.fx ShapeProp);
-- ``node.meta["qlfx_origin"]`` names what created the node: ``"trace"`` or the pass that made it;
-- ``node.meta["qlfx_value_of"]`` (optional) names the node of an earlier graph whose value this node now
+What every pass may rely on:
+- ``call_function`` nodes call ATen ``OpOverload``s (``torch.ops.aten.conv2d.default``, ...) or qlfx's
+  own custom ops (``torch.ops.qlfx.branch_product.default``, ``.hardball``, ``.softball``); passes match
+  them by target and read their arguments by schema name (:func:`op_args`). One op vocabulary, with the
+  canonical forms of :func:`qlfx.capture.canonicalize` (channel slices are ``aten.slice.Tensor``, eval
+  batchnorm is ``aten.batch_norm.default``, 2-D convs are ``aten.conv2d.default``);
+- parameters, buffers and constants are read by ``get_attr`` nodes; new constants are buffers
+  (:func:`constant_node`);
+- ``node.meta["val"]`` is a FakeTensor (shape, dtype; a symbolic batch size under ``dynamic_batch``) on
+  every tensor value — :func:`call` and :func:`constant_node` set it on the nodes they make, and the
+  pass manager re-derives it after every pass (:func:`refresh_vals`) without running real kernels;
+- ``node.meta["nn_module_stack"]`` / :func:`module_path` names the module a node came from;
+  ``node.meta["qlfx_origin"]`` names what created it (``"trace"`` or a pass);
+  ``node.meta["qlfx_value_of"]`` (optional) names the node of an earlier graph whose value this node now
   carries (set by :func:`replace_value`); the equivalence checker pairs values across graphs with it.
 """
 from __future__ import annotations
 
 import copy
-import operator
+import functools
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
-from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import TraceError, UsageError
-
+aten = torch.ops.aten
 ORIGIN = "qlfx_origin"
 VALUE_OF = "qlfx_value_of"
-CONV2D = torch.conv2d  # F.conv2d is the same builtin
+CONV2D = aten.conv2d.default
+LINEAR = aten.linear.default
+BATCH_NORM = aten.batch_norm.default
+SLICE = aten.slice.Tensor
+MUL = aten.mul.Tensor
+ADD = aten.add.Tensor
+CAT = aten.cat.default
 
 
-# ----------------------------------------------------------------------------------------- tracing
-def _default_leaf_types() -> tuple[type, ...]:
-    from .models.activations import Hardball, Softball
-
-    return (Hardball, Softball)
-
-
-class QlfxTracer(fx.Tracer):
-    """torch.fx tracer that keeps torch.nn layers and the given types/qualified names as leaves, and
-    remembers which module it was inside when tracing failed (for the error message)."""
-
-    def __init__(self, leaf_types: Sequence[type] = (), leaf_names: Sequence[str] = ()):
-        super().__init__()
-        self.leaf_types = tuple(_default_leaf_types()) + tuple(leaf_types)
-        self.leaf_names = set(leaf_names)
-        self.qlfx_module_path: list[tuple[str, str]] = []
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
-            return True
-        return super().is_leaf_module(m, qualname)
-
-    def call_module(self, m, forward, args, kwargs):
-        qualname = self.path_of_module(m)
-        self.qlfx_module_path.append((qualname, type(m).__name__))
-        try:
-            result = super().call_module(m, forward, args, kwargs)
-        except Exception:
-            raise  # keep the stack as it was at the failure point
-        self.qlfx_module_path.pop()
-        return result
+# ------------------------------------------------------------------------------------ ops by schema
+@functools.lru_cache(maxsize=None)
+def _schema_arguments(target) -> tuple[tuple[str, Any, bool], ...]:
+    """(name, default, has_default) of every argument of an OpOverload's schema."""
+    out = []
+    for a in target._schema.arguments:
+        out.append((a.name, a.default_value if a.has_default_value() else None, a.has_default_value()))
+    return tuple(out)
 
 
-def trace(
-    model: nn.Module,
-    example_inputs: Sequence[torch.Tensor],
-    leaf_modules: Iterable[type | str] = (),
-) -> fx.GraphModule:
-    """Trace ``model`` into the canonical qlfx IR (see module docstring).
+def op_args(node: fx.Node) -> dict[str, Any]:
+    """The node's arguments by schema name, defaults filled in (``{}`` for non-ATen targets)."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return {}
+    values = {}
+    for i, (name, default, has_default) in enumerate(_schema_arguments(node.target)):
+        if i < len(node.args):
+            values[name] = node.args[i]
+        elif name in node.kwargs:
+            values[name] = node.kwargs[name]
+        elif has_default:
+            values[name] = default
+    return values
 
-    The model is deep-copied first; the user's model is never touched. ``leaf_modules`` lists module
-    types or qualified names to keep opaque (use it for code that cannot be traced).
-    """
-    example_inputs = check_example_inputs(example_inputs)
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"qlfx traces torch.nn.Module objects; got {type(model).__name__}")
-    model = copy.deepcopy(model)
-    leaf_types = tuple(x for x in leaf_modules if isinstance(x, type))
-    leaf_names = tuple(x for x in leaf_modules if isinstance(x, str))
-    tracer = QlfxTracer(leaf_types, leaf_names)
+
+def set_op_args(node: fx.Node, **changes) -> None:
+    """Replace some arguments of an ATen / custom op call by schema name (keyword-only ones included)."""
+    args = op_args(node)
+    args.update(changes)
+    schema = [a for a in node.target._schema.arguments if a.name in args]
+    node.args = tuple(args[a.name] for a in schema if not a.kwarg_only)
+    node.kwargs = {a.name: args[a.name] for a in schema if a.kwarg_only}
+
+
+def is_op(node: Any, *targets) -> bool:
+    """``node`` calls one of ``targets`` (OpOverloads, or OpOverloadPackets matching any overload)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    t = node.target
+    packet = getattr(t, "overloadpacket", None)
+    return any(t is x or (packet is not None and packet is x) for x in targets)
+
+
+def op_name(node: fx.Node) -> str:
+    """A short readable name of what the node does: ``conv2d``, ``branch_product``, ``getitem``."""
+    if node.op == "call_function":
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet is not None:
+            return packet.__name__
+        return getattr(node.target, "__name__", str(node.target))
+    return node.op if node.op != "get_attr" else str(node.target)
+
+
+def describe(node: Any) -> str:
+    """``layer1_0_conv1 (aten.conv2d in layer1.0.conv1)`` — for messages."""
+    if not isinstance(node, fx.Node):
+        return repr(node)
+    path = module_path(node)
+    what = f"{node.op} {node.target}" if node.op != "call_function" else op_name(node)
+    return f"{node.name} ({what}{' in ' + path if path else ''})"
+
+
+def pair(v) -> tuple[int, int]:
+    if isinstance(v, (tuple, list)):
+        return (int(v[0]), int(v[-1])) if len(v) in (1, 2) else tuple(int(i) for i in v)
+    return (int(v), int(v))
+
+
+def module_path(node: fx.Node) -> str:
+    """The qualified name of the innermost module the node was captured in ('' at the top level)."""
+    path = node.meta.get("qlfx_module")
+    if path is not None:
+        return path
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return ""
+    value = list(stack.values())[-1]
+    return value[0] if isinstance(value, tuple) and value and isinstance(value[0], str) else ""
+
+
+def source_line(node: fx.Node) -> str:
+    """'file.py:12' of the user's code that made the node (from the captured stack trace), or ''."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [line.strip() for line in trace.strip().splitlines() if line.strip().startswith("File ")]
+    if not lines:
+        return ""
+    last = lines[-1]  # File "/path/model.py", line 12, in forward
     try:
-        graph = tracer.trace(model)
-    except Exception as err:  # torch.fx raises many kinds; all mean "not traceable"
-        raise _trace_error(model, tracer, err) from err
-    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
-    functionalize(gm)
-    for node in gm.graph.nodes:
-        node.meta.setdefault(ORIGIN, "trace")
-    gm.meta["qlfx_example_inputs"] = tuple(t.detach().clone() for t in example_inputs)
-    propagate_shapes(gm, example_inputs)
-    return gm
+        path = last.split('"')[1]
+        lineno = last.split("line ")[1].split(",")[0]
+    except IndexError:
+        return ""
+    return f"{path.rsplit('/', 1)[-1]}:{lineno}"
 
 
-def _trace_error(model: nn.Module, tracer: QlfxTracer, err: Exception) -> TraceError:
-    if tracer.qlfx_module_path:
-        qualname, type_name = tracer.qlfx_module_path[-1]
-        where = f"module '{qualname or '<root>'}' ({type_name})"
-        fix = (
-            f"mark it a leaf so qlfx treats it as one opaque op: "
-            f"qlfx.compile(..., leaf_modules=[{type_name}]) or --leaf {qualname}"
-        )
+# ------------------------------------------------------------------------------------ values & meta
+def val(node: Any):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def shape(node: Any) -> tuple | None:
+    v = val(node)
+    return tuple(v.shape) if isinstance(v, torch.Tensor) else None
+
+
+def dtype(node: Any) -> torch.dtype | None:
+    v = val(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def channels(node: Any) -> int | None:
+    """Size of dim 1 when it is a concrete number, else None."""
+    s = shape(node)
+    return int(s[1]) if s is not None and len(s) >= 2 and isinstance(s[1], int) else None
+
+
+def fake_mode(gm: fx.GraphModule):
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder" and "val" in n.meta]
+    mode = detect_fake_mode(vals) if vals else None
+    if mode is None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        mode = gm.meta.get("qlfx_fallback_fake_mode")
+        if mode is None:
+            mode = gm.meta["qlfx_fallback_fake_mode"] = FakeTensorMode(allow_non_fake_inputs=True)
+    return mode
+
+
+def infer_val(gm: fx.GraphModule, node: fx.Node, mode=None) -> Any:
+    """Compute ``node.meta['val']`` from its inputs' vals, with fake tensors only; return it."""
+    mode = mode or fake_mode(gm)
+    if node.op == "get_attr":
+        t = get_tensor(gm, node)
+        value = mode.from_tensor(t, static_shapes=True) if isinstance(t, torch.Tensor) else t
+    elif node.op == "call_function":
+        args = fx.node.map_arg(node.args, lambda n: n.meta.get("val"))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: n.meta.get("val"))
+        with mode:
+            value = node.target(*args, **kwargs)
     else:
-        where = f"the forward of the top-level model ({type(model).__name__})"
-        fix = "move the untraceable code into a submodule and mark that submodule a leaf (leaf_modules=[...])"
-    construct = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return TraceError(
-        f"cannot trace {where}: {construct}\n"
-        f"  torch.fx traces with symbolic values, so Python control flow on tensor values, "
-        f"data-dependent shapes and iteration over tensors fail.\n  What to do: {fix}."
-    )
+        return node.meta.get("val")
+    node.meta["val"] = value
+    return value
 
 
-def check_example_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
-    if example_inputs is None:
-        raise UsageError(
-            "example_inputs is required: qlfx traces with concrete shapes. "
-            "Pass e.g. example_inputs=(torch.randn(1, 3, 224, 224),)"
-        )
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs)
-    for i, t in enumerate(example_inputs):
-        if not isinstance(t, torch.Tensor):
-            raise UsageError(f"example input {i} is a {type(t).__name__}; qlfx needs torch.Tensor inputs")
-    return example_inputs
+def _signature(value) -> Any:
+    if isinstance(value, torch.Tensor):
+        return (tuple(value.shape), value.dtype)
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    return value if isinstance(value, (int, float, bool, type(None))) else id(value)
 
 
-# ---------------------------------------------------------------------------- functionalization
-def _attr(gm: fx.GraphModule, qualname: str, name: str):
-    """get_attr node for ``qualname.name`` or None when the module has no such tensor."""
-    mod = gm.get_submodule(qualname)
-    if getattr(mod, name, None) is None:
-        return None
-    return gm.graph.get_attr(f"{qualname}.{name}")
+def args_snapshot(gm: fx.GraphModule) -> dict[fx.Node, tuple]:
+    """What each node computes from (for :func:`refresh_vals` after a rewrite)."""
+    return {n: (n.op, n.target, n.args, n.kwargs) for n in gm.graph.nodes}
 
 
-def _functional_form(gm: fx.GraphModule, node: fx.Node, m: nn.Module):
-    """Emit the functional equivalent of call_module ``node`` before it; return the new node or None
-    when the module type is not handled (it then stays an opaque call_module)."""
-    g, q, x = gm.graph, node.target, node.args[0] if node.args else None
-    if node.kwargs or len(node.args) != 1:
-        return None
-    if isinstance(m, nn.Conv2d):
-        if m.padding_mode != "zeros":
-            return None
-        return g.call_function(
-            CONV2D, (x, _attr(gm, q, "weight"), _attr(gm, q, "bias"), m.stride, m.padding, m.dilation, m.groups)
-        )
-    if isinstance(m, nn.Linear):
-        return g.call_function(F.linear, (x, _attr(gm, q, "weight"), _attr(gm, q, "bias")))
-    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-        training = m.training
-        return g.call_function(
-            F.batch_norm,
-            (x, _attr(gm, q, "running_mean"), _attr(gm, q, "running_var"), _attr(gm, q, "weight"),
-             _attr(gm, q, "bias"), training, 0.0 if m.momentum is None else m.momentum, m.eps),
-        )
-    if isinstance(m, nn.Identity) or (isinstance(m, nn.modules.dropout._DropoutNd) and not m.training):
-        return x  # identity at inference
-    simple = {
-        nn.ReLU: lambda: g.call_function(F.relu, (x,)),
-        nn.ReLU6: lambda: g.call_function(F.hardtanh, (x, 0.0, 6.0)),
-        nn.Hardtanh: lambda: g.call_function(F.hardtanh, (x, m.min_val, m.max_val)),
-        nn.Sigmoid: lambda: g.call_function(torch.sigmoid, (x,)),
-        nn.Tanh: lambda: g.call_function(torch.tanh, (x,)),
-        nn.Hardswish: lambda: g.call_function(F.hardswish, (x,)),
-        nn.Hardsigmoid: lambda: g.call_function(F.hardsigmoid, (x,)),
-        nn.SiLU: lambda: g.call_function(F.silu, (x,)),
-        nn.GELU: lambda: g.call_function(F.gelu, (x,), {"approximate": m.approximate}),
-        nn.LeakyReLU: lambda: g.call_function(F.leaky_relu, (x, m.negative_slope)),
-        nn.Flatten: lambda: g.call_function(torch.flatten, (x, m.start_dim, m.end_dim)),
-        nn.MaxPool2d: lambda: g.call_function(
-            F.max_pool2d, (x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
-        ) if not m.return_indices else None,
-        nn.AvgPool2d: lambda: g.call_function(
-            F.avg_pool2d, (x, m.kernel_size, m.stride, m.padding, m.ceil_mode, m.count_include_pad, m.divisor_override)
-        ),
-        nn.AdaptiveAvgPool2d: lambda: g.call_function(F.adaptive_avg_pool2d, (x, m.output_size)),
-        nn.GroupNorm: lambda: g.call_function(
-            F.group_norm, (x, m.num_groups, _attr(gm, q, "weight"), _attr(gm, q, "bias"), m.eps)
-        ),
-        nn.LayerNorm: lambda: g.call_function(
-            F.layer_norm, (x, m.normalized_shape, _attr(gm, q, "weight"), _attr(gm, q, "bias"), m.eps)
-        ),
-        nn.Conv1d: lambda: g.call_function(
-            torch.conv1d, (x, _attr(gm, q, "weight"), _attr(gm, q, "bias"), m.stride, m.padding, m.dilation, m.groups)
-        ) if m.padding_mode == "zeros" else None,
-        nn.ConvTranspose2d: lambda: g.call_function(
-            F.conv_transpose2d, (x, _attr(gm, q, "weight"), _attr(gm, q, "bias"), m.stride, m.padding,
-                                 m.output_padding, m.groups, m.dilation)
-        ),
-        nn.AdaptiveMaxPool2d: lambda: g.call_function(F.adaptive_max_pool2d, (x, m.output_size))
-        if not m.return_indices else None,
-        nn.ELU: lambda: g.call_function(F.elu, (x, m.alpha)),
-        nn.PReLU: lambda: g.call_function(F.prelu, (x, _attr(gm, q, "weight"))),
-        nn.Softplus: lambda: g.call_function(F.softplus, (x, m.beta, m.threshold)),
-        nn.Mish: lambda: g.call_function(F.mish, (x,)),
-        nn.Softmax: lambda: g.call_function(F.softmax, (x, m.dim)),
-        nn.Upsample: lambda: g.call_function(
-            F.interpolate, (x, m.size, m.scale_factor, m.mode, m.align_corners)
-        ),
-        nn.ZeroPad2d: lambda: g.call_function(F.pad, (x, tuple(m.padding), "constant", 0.0)),
-        nn.PixelShuffle: lambda: g.call_function(F.pixel_shuffle, (x, m.upscale_factor)),
-    }
-    make = simple.get(type(m))
-    return make() if make is not None else None
+def _same_call(a: tuple, b: tuple) -> bool:
+    try:
+        return a[0] == b[0] and a[1] is b[1] and a[2] == b[2] and a[3] == b[3]
+    except Exception:  # noqa: BLE001 - an argument that cannot be compared counts as changed
+        return False
 
 
-def functionalize(gm: fx.GraphModule) -> None:
-    """Rewrite call_module nodes of standard layers into the canonical functional form, in place."""
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module":
+def refresh_vals(gm: fx.GraphModule, before: dict[fx.Node, tuple] | None = None) -> int:
+    """Re-derive ``meta['val']`` where a rewrite may have changed it: nodes without one, nodes whose
+    call changed since ``before`` (:func:`args_snapshot`), stored tensors whose shape changed, and
+    everything downstream of a value whose shape or dtype changed. ``before=None``: every node.
+    Returns the number of nodes recomputed."""
+    mode = fake_mode(gm)
+    moved: set[fx.Node] = set()
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
             continue
-        m = gm.get_submodule(node.target)
-        with gm.graph.inserting_before(node):
-            new = _functional_form(gm, node, m)
-        if new is None:
+        old = node.meta.get("val")
+        if node.op == "get_attr":
+            t = get_tensor(gm, node)
+            stale = old is None or (isinstance(t, torch.Tensor) and _signature(old) != _signature(t))
+        else:
+            stale = (before is None or old is None or node not in before
+                     or not _same_call(before[node], (node.op, node.target, node.args, node.kwargs))
+                     or any(i in moved for i in node.all_input_nodes))
+        if not stale:
             continue
-        if new is not node.args[0]:
-            new.meta.update({k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")})
-            new.meta["qlfx_module"] = node.target
-            new.name = node.name  # keep readable names: layer1_0_conv1 stays layer1_0_conv1
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.recompile()
-
-
-# ---------------------------------------------------------------------------------- shapes & meta
-def propagate_shapes(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor] | None = None) -> None:
-    """Fill ``tensor_meta`` (shape, dtype) on every node by running the graph on example inputs."""
-    if example_inputs is None:
-        example_inputs = gm.meta["qlfx_example_inputs"]
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*example_inputs)
-
-
-def shape(node: fx.Node) -> tuple[int, ...] | None:
-    tm = node.meta.get("tensor_meta")
-    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+        new = infer_val(gm, node, mode)
+        count += 1
+        if old is None or _signature(old) != _signature(new):
+            moved.add(node)
+    return count
 
 
 def stamp_origin(gm: fx.GraphModule, origin: str) -> list[fx.Node]:
@@ -259,15 +252,44 @@ def value_key(node: fx.Node) -> str:
 def replace_value(old: fx.Node, new: fx.Node) -> None:
     """Make every user of ``old`` use ``new`` instead, recording that ``new`` now carries old's value."""
     new.meta[VALUE_OF] = value_key(old)
-    old.replace_all_uses_with(new)
+    old.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
 
 
-# ------------------------------------------------------------------------------ tensors in the graph
+# --------------------------------------------------------------------------------- building nodes
+def call(gm: fx.GraphModule, target, args: tuple, kwargs: dict | None = None, like: fx.Node | None = None) -> fx.Node:
+    """A new ``call_function`` node at the graph's insertion point, its ``val`` computed, its module path
+    taken from ``like`` (the node it stands in for, for readable names and provenance)."""
+    node = gm.graph.call_function(target, tuple(args), dict(kwargs or {}))
+    if like is not None:
+        for key in ("nn_module_stack", "stack_trace", "qlfx_module"):
+            if key in like.meta:
+                node.meta[key] = like.meta[key]
+        node.name = ""  # release the default name, then take one after the node it stands in for
+        node.name = gm.graph._graph_namespace.create_name(f"{like.name}_{op_name(node)}", None)
+    infer_val(gm, node)
+    return node
+
+
 def get_tensor(gm: fx.GraphModule, target_or_node) -> torch.Tensor:
     target = target_or_node.target if isinstance(target_or_node, fx.Node) else target_or_node
     *path, name = target.split(".")
     owner = gm.get_submodule(".".join(path)) if path else gm
     return getattr(owner, name)
+
+
+def set_tensor(gm: fx.GraphModule, target: str, tensor: torch.Tensor) -> None:
+    """Store ``tensor`` as a buffer at the dotted ``target``, creating the submodules on the way."""
+    *path, name = target.split(".")
+    owner: nn.Module = gm
+    for part in path:
+        child = owner._modules.get(part)
+        if child is None:
+            child = nn.Module()
+            owner.add_module(part, child)
+        owner = child
+    if name in owner._parameters:
+        del owner._parameters[name]
+    owner.register_buffer(name, tensor)
 
 
 def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str) -> str:
@@ -280,13 +302,21 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, hint: str) -> str:
     while hasattr(gm, name):
         i += 1
         name = f"{base}_{i}"
-    gm.register_buffer(name, tensor.detach().clone().contiguous())
+    # standard strides: a [4, 3, 1, 1] weight with strides (3, 1, 3, 3) counts as channels-last, and a
+    # conv reading it would return a channels-last output that a later aten.view rejects
+    gm.register_buffer(name, tensor.detach().clone(memory_format=torch.contiguous_format))
     return name
 
 
 def constant_node(gm: fx.GraphModule, tensor: torch.Tensor, hint: str) -> fx.Node:
-    """A get_attr node reading a new constant; insert with ``gm.graph.inserting_before``."""
-    return gm.graph.get_attr(add_constant(gm, tensor, hint))
+    """A get_attr node reading a new constant (val set); insert with ``gm.graph.inserting_before``."""
+    node = gm.graph.get_attr(add_constant(gm, tensor, hint))
+    infer_val(gm, node)
+    return node
+
+
+def is_constant(arg: Any) -> bool:
+    return isinstance(arg, fx.Node) and arg.op == "get_attr"
 
 
 def attr_users(gm: fx.GraphModule, target: str) -> list[fx.Node]:
@@ -299,16 +329,13 @@ def attr_users(gm: fx.GraphModule, target: str) -> list[fx.Node]:
 
 
 def used_tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
-    """Every parameter/buffer the graph reads (get_attr targets and opaque modules' tensors)."""
+    """Every stored tensor the graph reads."""
     found: dict[str, torch.Tensor] = {}
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.users:  # a dangling read (dce not run yet) stores nothing
             t = get_tensor(gm, n)
             if isinstance(t, torch.Tensor):
                 found[n.target] = t
-        elif n.op == "call_module":
-            for name, t in gm.get_submodule(n.target).state_dict(keep_vars=True).items():
-                found[f"{n.target}.{name}"] = t
     return found
 
 
@@ -328,10 +355,15 @@ def count_params(gm: fx.GraphModule) -> tuple[int, int]:
     return total, nonzero
 
 
-# ------------------------------------------------------------------------------------ conv views
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy: weights, graph and node metadata (FakeTensor vals are shared: they are immutable)."""
+    return copy.deepcopy(gm)
+
+
+# ------------------------------------------------------------------------------- views of ATen ops
 @dataclass
 class ConvCall:
-    """A normalised view of a ``torch.conv2d`` node's arguments."""
+    """A view of an ``aten.conv2d`` node's arguments (``padding`` may be 'same' for ``conv2d.padding``)."""
 
     node: fx.Node
     input: fx.Node
@@ -342,52 +374,159 @@ class ConvCall:
     dilation: tuple[int, int]
     groups: int
 
-    _ORDER = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-    _DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
-
     @classmethod
-    def of(cls, node: fx.Node) -> "ConvCall | None":
-        if node.op != "call_function" or node.target is not CONV2D:
+    def of(cls, node: Any) -> "ConvCall | None":
+        if not is_op(node, aten.conv2d.default, aten.conv2d.padding):
             return None
-        values = dict(cls._DEFAULTS)
-        values.update(zip(cls._ORDER, node.args))
-        values.update(node.kwargs)
-        pair = lambda v: tuple(v) * (2 // len(v)) if isinstance(v, (tuple, list)) else (v, v)  # noqa: E731
-        padding = values["padding"] if isinstance(values["padding"], str) else pair(values["padding"])
-        return cls(node, values["input"], values["weight"], values["bias"], pair(values["stride"]),
-                   padding, pair(values["dilation"]), int(values["groups"]))
+        a = op_args(node)
+        padding = a["padding"] if isinstance(a["padding"], str) else pair(a["padding"])
+        return cls(node, a["input"], a["weight"], a["bias"], pair(a["stride"]), padding, pair(a["dilation"]),
+                   int(a["groups"]))
 
     def set_args(self, **changes) -> None:
-        """Rewrite the node's arguments (all positional, in conv2d order)."""
+        """Rewrite the node's arguments (``aten.conv2d.default``, all positional)."""
         for k, v in changes.items():
             setattr(self, k, v)
-        self.node.args = tuple(getattr(self, k) for k in self._ORDER)
+        if isinstance(self.padding, str):
+            self.node.target = aten.conv2d.padding
+        else:
+            self.node.target = aten.conv2d.default
+        self.node.args = (self.input, self.weight, self.bias, list(self.stride),
+                          self.padding if isinstance(self.padding, str) else list(self.padding),
+                          list(self.dilation), self.groups)
         self.node.kwargs = {}
+
+    @property
+    def kernel(self) -> tuple[int, int] | None:
+        s = shape(self.weight)
+        return tuple(s[2:]) if s is not None and len(s) == 4 else None
 
     @property
     def is_pointwise(self) -> bool:
         """1x1 kernel, no padding, no grouping: a per-pixel matrix product."""
-        w = self.weight.meta.get("tensor_meta")
-        k = tuple(w.shape[2:]) if w is not None else None
-        return k == (1, 1) and self.groups == 1 and self.padding in ((0, 0), "valid")
+        return self.kernel == (1, 1) and self.groups == 1 and self.padding in ((0, 0), "valid")
 
 
-def is_call(node: fx.Node, *targets) -> bool:
-    return node.op == "call_function" and node.target in targets
+@dataclass
+class LinearCall:
+    """A view of an ``aten.linear`` node: y = x W^T + b."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+
+    @classmethod
+    def of(cls, node: Any) -> "LinearCall | None":
+        if not is_op(node, LINEAR):
+            return None
+        a = op_args(node)
+        return cls(node, a["input"], a["weight"], a["bias"])
+
+    def set_args(self, **changes) -> None:
+        for k, v in changes.items():
+            setattr(self, k, v)
+        self.node.args, self.node.kwargs = (self.input, self.weight, self.bias), {}
 
 
-def is_mul(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in (operator.mul, torch.mul)) or (
-        node.op == "call_method" and node.target == "mul"
-    )
+@dataclass
+class BatchNormCall:
+    """A view of an ``aten.batch_norm`` node (the canonical eval batchnorm)."""
+
+    node: fx.Node
+    input: fx.Node
+    weight: fx.Node | None
+    bias: fx.Node | None
+    running_mean: fx.Node | None
+    running_var: fx.Node | None
+    training: bool
+    eps: float
+
+    @classmethod
+    def of(cls, node: Any) -> "BatchNormCall | None":
+        if not is_op(node, BATCH_NORM):
+            return None
+        a = op_args(node)
+        return cls(node, a["input"], a["weight"], a["bias"], a["running_mean"], a["running_var"],
+                   bool(a["training"]), float(a["eps"]))
+
+    def scale_shift(self, gm: fx.GraphModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, t) with BN(x) = s x + t per channel, in float64 so folded weights round once, at the end."""
+        mean = get_tensor(gm, self.running_mean).double()
+        var = get_tensor(gm, self.running_var).double()
+        gamma = get_tensor(gm, self.weight).double() if self.weight is not None else torch.ones_like(var)
+        beta = get_tensor(gm, self.bias).double() if self.bias is not None else torch.zeros_like(var)
+        s = gamma / torch.sqrt(var + self.eps)
+        return s, beta - mean * s
+
+    @property
+    def foldable(self) -> bool:
+        """Eval mode with stored statistics and stored affine parameters."""
+        return (not self.training and is_constant(self.running_mean) and is_constant(self.running_var)
+                and all(a is None or is_constant(a) for a in (self.weight, self.bias)))
 
 
-def is_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in (operator.add, torch.add, operator.iadd)) or (
-        node.op == "call_method" and node.target in ("add", "add_")
-    )
+@dataclass
+class ChannelSlice:
+    """``x[:, start:stop:step]`` — an ``aten.slice`` along dim 1 (bounds are plain indices after capture)."""
+
+    node: fx.Node
+    input: fx.Node
+    start: int
+    stop: int
+    step: int
+
+    @classmethod
+    def of(cls, node: Any) -> "ChannelSlice | None":
+        if not is_op(node, SLICE):
+            return None
+        a = op_args(node)
+        s = shape(a["self"])
+        if s is None or len(s) < 2 or a["dim"] % len(s) != 1 or not isinstance(s[1], int):
+            return None
+        start, stop, step = a["start"], a["end"], a["step"]
+        if not all(isinstance(v, (int, type(None))) for v in (start, stop, step)) or (step or 1) <= 0:
+            return None
+        start, stop, step = slice(start, stop, step).indices(s[1])
+        return cls(node, a["self"], start, max(start, stop), step)
+
+    @property
+    def rows(self) -> list[int]:
+        return list(range(self.start, self.stop, self.step))
 
 
-def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy: weights, graph and node metadata. Passes run on copies so the input survives."""
-    return copy.deepcopy(gm)
+def is_mul(node: Any) -> bool:
+    return is_op(node, aten.mul.Tensor, aten.mul.Scalar)
+
+
+def is_add(node: Any) -> bool:
+    """x + y (alpha 1)."""
+    return is_op(node, aten.add.Tensor, aten.add.Scalar) and op_args(node).get("alpha", 1) == 1
+
+
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
+    """The node's inputs that are computed values (not stored constants)."""
+    return [a for a in node.all_input_nodes if a.op != "get_attr"]
+
+
+def output_values(gm: fx.GraphModule) -> list[fx.Node]:
+    out = gm.graph.output_node()
+    flat = []
+
+    def visit(a):
+        if isinstance(a, fx.Node):
+            flat.append(a)
+        elif isinstance(a, (tuple, list)):
+            for b in a:
+                visit(b)
+        elif isinstance(a, dict):
+            for b in a.values():
+                visit(b)
+
+    visit(out.args)
+    return flat
+
+
+def uses(nodes: Iterable[fx.Node]) -> set[fx.Node]:
+    return {u for n in nodes for u in n.users}
+

@@ -1,5 +1,9 @@
 """qlfx's custom torch ops. Importing this module registers them (importing again is harmless).
 
+Each is a ``torch.library.custom_op`` with a fake kernel, so torch.export captures it as ONE node of the
+ATen graph (passes and the symmetry analysis match it by name, emitters lower it: ONNX functions in the
+``qlfx`` domain, TVM kernels) and shapes propagate without running it.
+
 ``torch.ops.qlfx.branch_product`` — the product of two linear branches of the same input
 =====================================================================================
 
@@ -37,7 +41,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-__all__ = ["branch_product", "BRANCH_PRODUCT_SCHEMA", "branch_product_reference", "branch_product_kind"]
+__all__ = ["branch_product", "BRANCH_PRODUCT_SCHEMA", "branch_product_reference", "branch_product_kind",
+           "hardball", "softball", "radius_of", "RADIAL_OPS"]
 
 BRANCH_PRODUCT_SCHEMA = (
     "(Tensor x, Tensor weight_a, Tensor? bias_a, Tensor weight_b, Tensor? bias_b, int[] stride, "
@@ -134,6 +139,90 @@ def _register() -> None:
 
 
 _register()
+
+
+# ------------------------------------------------------------------------------ radial activations
+"""``torch.ops.qlfx.hardball(Tensor x, float? radius) -> Tensor`` and ``qlfx.softball`` (same schema)
+=================================================================================================
+
+They act on the channel vector at each pixel, x in R^C (dim 1 of an (N, C, ...) tensor), and only
+rescale it, so they commute with every orthogonal change of basis of the channels::
+
+    hardball(x) = x * r / max(|x|, r)          = x if |x| <= r, else r x / |x|
+    softball(x) = x / sqrt(1 + |x|^2 / r^2)
+
+|x| is the Euclidean norm over dim 1; r = sqrt(C) when ``radius`` is None.
+"""
+
+
+def radius_of(x: torch.Tensor, radius: Optional[float]) -> float:
+    """The radius in use: ``radius`` if given, otherwise sqrt(C) with C = x.shape[1]."""
+    return float(radius) if radius is not None else float(x.shape[1]) ** 0.5
+
+
+def _check_radial(name: str, x: torch.Tensor, radius: Optional[float]) -> None:
+    if x.dim() < 2:
+        raise RuntimeError(f"qlfx::{name} expects an input of shape (N, C) or (N, C, H, W) with channels on "
+                           f"dim 1, got {x.dim()} dims; add a batch dimension")
+    if radius is not None and not radius > 0:
+        raise RuntimeError(f"qlfx::{name}: radius must be > 0 (or None for sqrt(C)), got {radius}")
+
+
+def hardball_reference(x: torch.Tensor, radius: Optional[float] = None) -> torch.Tensor:
+    # x * r / max(|x|, r): equal to the definition, never divides by zero, finite gradients at 0
+    r = radius_of(x, radius)
+    return x * (r / torch.clamp(torch.linalg.vector_norm(x, ord=2, dim=1, keepdim=True), min=r))
+
+
+def softball_reference(x: torch.Tensor, radius: Optional[float] = None) -> torch.Tensor:
+    r = radius_of(x, radius)
+    return x * torch.rsqrt(1.0 + (x * x).sum(dim=1, keepdim=True) / (r * r))
+
+
+def _register_radial(name: str, reference) -> None:
+    try:
+        getattr(torch.ops.qlfx, name).default  # noqa: B018  (already registered: importlib.reload)
+        return
+    except (AttributeError, RuntimeError):
+        pass
+
+    @torch.library.custom_op(f"qlfx::{name}", mutates_args=(), schema="(Tensor x, float? radius) -> Tensor")
+    def _op(x: torch.Tensor, radius: Optional[float]) -> torch.Tensor:
+        _check_radial(name, x, radius)
+        return reference(x, radius)
+
+    @_op.register_fake
+    def _(x, radius):
+        _check_radial(name, x, radius)
+        return torch.empty_like(x)
+
+    def _setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.radius = inputs[1]
+
+    def _backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            (dx,) = torch.autograd.grad(reference(leaf, ctx.radius), (leaf,), grad)
+        return dx, None
+
+    _op.register_autograd(_backward, setup_context=_setup_context)
+
+
+_register_radial("hardball", hardball_reference)
+_register_radial("softball", softball_reference)
+RADIAL_OPS = {"hardball": torch.ops.qlfx.hardball.default, "softball": torch.ops.qlfx.softball.default}
+
+
+def hardball(x: torch.Tensor, radius: Optional[float] = None) -> torch.Tensor:
+    """``torch.ops.qlfx.hardball``: x if |x| <= r else r x / |x| (norm over dim 1, r = sqrt(C) by default)."""
+    return torch.ops.qlfx.hardball(x, None if radius is None else float(radius))
+
+
+def softball(x: torch.Tensor, radius: Optional[float] = None) -> torch.Tensor:
+    """``torch.ops.qlfx.softball``: x / sqrt(1 + |x|^2 / r^2) (norm over dim 1, r = sqrt(C) by default)."""
+    return torch.ops.qlfx.softball(x, None if radius is None else float(radius))
 
 
 def branch_product(x, weight_a, bias_a, weight_b, bias_b, stride=(1, 1), padding_b=(0, 0), dilation_b=(1, 1),

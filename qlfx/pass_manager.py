@@ -24,8 +24,8 @@ import torch
 import torch.fx as fx
 
 from . import ir
-from .errors import EquivalenceError, UnknownPassError, UsageError
-from .verify import EquivalenceCheck, Tolerance, check_accuracy, check_equivalence, first_divergence, random_inputs
+from .errors import EquivalenceError, PassError, QlfxError, UnknownPassError, UsageError
+from .verify import EquivalenceCheck, Tolerance, check_accuracy, check_against, first_divergence, random_inputs
 
 CONTRACTS = ("exact", "equivalent", "lossy")
 
@@ -191,6 +191,13 @@ class PassContext:
     # site call ``ctx.allow_rewrite()`` before each one.
     rewrite_limit: int | None = None
     _rewrites_done: int = 0
+    # The graph has a symbolic batch size (qlfx.compile(..., dynamic_batch=True)).
+    dynamic_batch: bool = False
+
+    @property
+    def rewrites_done(self) -> int:
+        """Rewrites the current pass has applied so far (counted by :meth:`allow_rewrite`)."""
+        return self._rewrites_done
 
     def allow_rewrite(self) -> bool:
         if self.rewrite_limit is not None and self._rewrites_done >= self.rewrite_limit:
@@ -296,59 +303,96 @@ class PassManager:
                                  f"CLI: --calibration x.npy --labels y.npy)")
 
     def input_sets(self, ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
-        return random_inputs(ctx.example_inputs, self.seed, self.verify_inputs) + list(ctx.calibration)
+        return random_inputs(ctx.example_inputs, self.seed, self.verify_inputs,
+                             vary_batch=ctx.dynamic_batch) + list(ctx.calibration)
 
     def check_trace(self, model: torch.nn.Module, gm: fx.GraphModule, ctx: PassContext, seconds: float = 0.0) -> Report:
-        """Check the traced graph against the model itself; start the report with that row."""
+        """Check the captured graph against the model itself; start the report with that row. The
+        graph's outputs are kept as the reference of the first pass."""
         report = Report()
         check = None
+        self._reference_outputs = None
         if self.verify:
             inputs = self.input_sets(ctx)
-            check = check_equivalence(model, gm, inputs, self.tolerance)
+            check, self._reference_outputs = check_against(model, gm, inputs, self.tolerance)
             if not check.passed:
                 raise EquivalenceError("trace", check, None, None, report)
         params, nonzero = ir.count_params(gm)
         report.rows.append(ReportRow("(trace)", "equivalent", False, check, seconds, params, nonzero))
         return report
 
+    def apply(self, p: Pass, gm: fx.GraphModule, ctx: PassContext, report: Report | None = None) -> tuple[fx.GraphModule, PassResult]:
+        """Run ``p`` on a copy of ``gm``; return the rewritten copy (vals refreshed, nodes stamped) and
+        the result. Whatever goes wrong inside the pass is a :class:`PassError` naming the pass and the
+        node it was working on; ``gm`` itself is never touched."""
+        candidate = ir.copy_graph_module(gm)
+        before = ir.args_snapshot(candidate)
+        ctx._rewrites_done = 0
+        try:
+            result = p.run(candidate, ctx)
+        except QlfxError:
+            raise  # a UsageError (bad option value) or a nested check says what it means already
+        except Exception as err:  # noqa: BLE001 - every bug in a pass is reported as that pass's failure
+            raise PassError(p.name, err, _node_in_traceback(err, candidate), gm, report) from err
+        if not isinstance(result, PassResult):
+            raise PassError(p.name, TypeError(f"run() returned {type(result).__name__}, not PassResult"),
+                            None, gm, report, stage="broke its contract")
+        try:
+            candidate.graph.lint()
+            candidate.recompile()
+            ir.stamp_origin(candidate, p.name)
+            ir.refresh_vals(candidate, before)
+        except Exception as err:  # noqa: BLE001
+            raise PassError(p.name, err, _node_in_traceback(err, candidate), gm, report,
+                            stage="left a malformed graph") from err
+        return candidate, result
+
+    def check_pass(self, p: Pass, before: fx.GraphModule, candidate: fx.GraphModule, ctx: PassContext,
+                   inputs: Sequence[Sequence[torch.Tensor]], reference_outputs=None, report: Report | None = None
+                   ) -> tuple[EquivalenceCheck, list[list[torch.Tensor]]]:
+        """Judge ``candidate`` (``before`` after ``p``) by p's contract: its tolerance on every input set
+        and, for a lossy pass with ``accuracy_drop``, the accuracy check. Returns the check and the
+        candidate's outputs."""
+        tolerance = self._tolerance_for(p)  # a lossy pass without a budget is the user's error, said first
+        try:
+            check, outputs = check_against(before, candidate, inputs, tolerance, reference_outputs)
+        except Exception as err:  # noqa: BLE001 - the rewritten graph does not even run
+            raise PassError(p.name, err, None, before, report, stage="made a graph that fails to run") from err
+        if p.contract == "lossy" and p.lossy_budgets()[1] is not None:
+            check.accuracy = check_accuracy(before, candidate, ctx.calibration, ctx.labels, p.lossy_budgets()[1])
+        return check, outputs
+
     def run(self, gm: fx.GraphModule, ctx: PassContext, report: Report | None = None) -> tuple[fx.GraphModule, Report]:
         if report is None:
             report = Report()
             params, nonzero = ir.count_params(gm)
             report.rows.append(ReportRow("(input)", "-", False, None, 0.0, params, nonzero))
+            self._reference_outputs = None
         for inst in self.instruments:
             inst.on_start(gm)
+        reference_outputs = getattr(self, "_reference_outputs", None)
         for index, p in enumerate(self.passes, start=1):
             for inst in self.instruments:
                 inst.before_pass(index, p, gm)
             if self.verify:
                 self._check_labels_for(p, ctx)
-            candidate = ir.copy_graph_module(gm)
-            ctx._rewrites_done = 0
+                self._tolerance_for(p)  # a lossy pass without a budget fails before it runs
             start = time.perf_counter()
-            result = p.run(candidate, ctx)
-            if not isinstance(result, PassResult):
-                raise TypeError(f"pass '{p.name}' returned {type(result).__name__}, not PassResult")
-            candidate.graph.lint()
-            candidate.recompile()
-            ir.stamp_origin(candidate, p.name)
-            ir.propagate_shapes(candidate, ctx.example_inputs)
+            candidate, result = self.apply(p, gm, ctx, report)
             seconds = time.perf_counter() - start
             check = None
             if self.verify:
-                tol = self._tolerance_for(p)
                 inputs = self.input_sets(ctx)
-                check = check_equivalence(gm, candidate, inputs, tol)
-                if p.contract == "lossy" and p.lossy_budgets()[1] is not None:
-                    check.accuracy = check_accuracy(gm, candidate, ctx.calibration, ctx.labels, p.lossy_budgets()[1])
+                check, outputs = self.check_pass(p, gm, candidate, ctx, inputs, reference_outputs, report)
                 if not check.passed:
-                    divergence = first_divergence(gm, candidate, inputs[0], tol)
+                    divergence = first_divergence(gm, candidate, inputs[0], self._tolerance_for(p))
                     params, nonzero = ir.count_params(candidate)
                     report.rows.append(ReportRow(p.name, p.contract, result.changed, check, seconds, params,
                                                  nonzero, result))
                     for inst in self.instruments:
                         inst.after_pass(index, p, candidate, result, check)
                     raise EquivalenceError(p.name, check, divergence, gm, report)
+                reference_outputs = outputs
             params, nonzero = ir.count_params(candidate)
             report.rows.append(ReportRow(p.name, p.contract, result.changed, check, seconds, params, nonzero, result))
             for inst in self.instruments:
@@ -357,6 +401,22 @@ class PassManager:
         for inst in self.instruments:
             inst.on_end(gm)
         return gm, report
+
+
+def _node_in_traceback(err: BaseException, gm: fx.GraphModule) -> str | None:
+    """The node a failing pass was working on: the innermost frame of the traceback with a local that
+    is a node of ``gm`` (a local named ``node`` first). Works for any pass, without its cooperation."""
+    nodes = set(gm.graph.nodes)
+    tb, frames = err.__traceback__, []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        found = [v for k, v in sorted(frame.f_locals.items(), key=lambda kv: kv[0] != "node")
+                 if isinstance(v, fx.Node) and v in nodes]
+        if found:
+            return ir.describe(found[0])
+    return None
 
 
 PassFactory = Callable[[], Pass]

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
-from .ir import ORIGIN, value_key
+from .ir import ORIGIN, module_path, op_name, value_key
 
 DEFAULT_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 
@@ -114,24 +114,33 @@ class Divergence:
     created_by: str
     max_abs: float
     needed: float
+    module: str = ""
 
     def __str__(self) -> str:
-        return (f"%{self.node} ({self.op} {self.target}, made by {self.created_by}): max abs "
+        where = f" in {self.module}" if self.module else ""
+        return (f"%{self.node} ({self.target}{where}, made by {self.created_by}): max abs "
                 f"{self.max_abs:.3g}, needs tol {self.needed:.3g}")
 
 
-def random_inputs(examples: Sequence[torch.Tensor], seed: int, count: int) -> list[tuple[torch.Tensor, ...]]:
+def random_inputs(examples: Sequence[torch.Tensor], seed: int, count: int,
+                  vary_batch: bool = False) -> list[tuple[torch.Tensor, ...]]:
     """``count`` seeded random input sets shaped like ``examples`` (normal for floats, the example's own
-    values for integer inputs)."""
+    values for integer inputs). ``vary_batch`` (graphs with a symbolic batch): every other set has a
+    batch two larger, so the check covers more than the example's batch size."""
     gen = torch.Generator().manual_seed(seed)
     sets = []
-    for _ in range(count):
+    for i in range(count):
         one = []
         for t in examples:
+            shape = tuple(t.shape)
+            if vary_batch and i % 2 == 1 and len(shape) > 0:
+                shape = (shape[0] + 2,) + shape[1:]
             if t.is_floating_point():
-                one.append(torch.randn(t.shape, generator=gen, dtype=torch.float64).to(t.dtype))
-            else:
+                one.append(torch.randn(shape, generator=gen, dtype=torch.float64).to(t.dtype))
+            elif shape == tuple(t.shape):
                 one.append(t.clone())
+            else:
+                one.append(t[:1].expand(shape).clone())
         sets.append(tuple(one))
     return sets
 
@@ -177,19 +186,36 @@ def _merge(a: OutputComparison | None, b: OutputComparison) -> OutputComparison:
     )
 
 
-def check_equivalence(reference: torch.nn.Module, candidate: torch.nn.Module,
-                      input_sets: Sequence[Sequence[torch.Tensor]], tol: Tolerance) -> EquivalenceCheck:
-    """Run both on every input set and compare every output under ``tol``."""
+def compare_outputs(reference_outputs: Sequence[Sequence[torch.Tensor]],
+                    candidate_outputs: Sequence[Sequence[torch.Tensor]], tol: Tolerance) -> EquivalenceCheck:
+    """Compare every output of every input set under ``tol`` (worst case per output)."""
     worst: list[OutputComparison | None] = []
-    for inputs in input_sets:
-        refs, news = run_outputs(reference, inputs), run_outputs(candidate, inputs)
+    for refs, news in zip(reference_outputs, candidate_outputs):
         if len(refs) != len(news):
             raise ValueError(f"the graphs return {len(refs)} and {len(news)} tensors")
         if not worst:
             worst = [None] * len(refs)
         for i, (r, n) in enumerate(zip(refs, news)):
             worst[i] = _merge(worst[i], compare_tensor(r, n, tol, i))
-    return EquivalenceCheck([w for w in worst if w is not None], len(input_sets))
+    return EquivalenceCheck([w for w in worst if w is not None], len(candidate_outputs))
+
+
+def check_against(reference: torch.nn.Module | None, candidate: torch.nn.Module,
+                  input_sets: Sequence[Sequence[torch.Tensor]], tol: Tolerance,
+                  reference_outputs: Sequence[Sequence[torch.Tensor]] | None = None
+                  ) -> tuple[EquivalenceCheck, list[list[torch.Tensor]]]:
+    """Run the candidate (and the reference, unless its outputs are given) on every input set; return
+    the check and the candidate's outputs (the next pass's reference)."""
+    if reference_outputs is None:
+        reference_outputs = [run_outputs(reference, inputs) for inputs in input_sets]
+    news = [run_outputs(candidate, inputs) for inputs in input_sets]
+    return compare_outputs(reference_outputs, news, tol), news
+
+
+def check_equivalence(reference: torch.nn.Module, candidate: torch.nn.Module,
+                      input_sets: Sequence[Sequence[torch.Tensor]], tol: Tolerance) -> EquivalenceCheck:
+    """Run both on every input set and compare every output under ``tol``."""
+    return check_against(reference, candidate, input_sets, tol)[0]
 
 
 def top1_correct(output: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -232,7 +258,7 @@ def record_values(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[st
         def run_node(self, n):
             out = super().run_node(n)
             if isinstance(out, torch.Tensor) and n.op not in ("get_attr", "output"):
-                values[value_key(n)] = out.detach().clone()
+                values[value_key(n)] = out.detach()  # functional graph: no op writes to it later
             return out
 
     with torch.no_grad():
@@ -252,6 +278,6 @@ def first_divergence(reference: fx.GraphModule, candidate: fx.GraphModule, input
             continue
         cmp = compare_tensor(ref_values[key], new_values[key], tol)
         if not cmp.passed:
-            target = getattr(node.target, "__name__", str(node.target))
-            return Divergence(node.name, node.op, target, node.meta.get(ORIGIN, "?"), cmp.max_abs, cmp.needed)
+            return Divergence(node.name, node.op, op_name(node), node.meta.get(ORIGIN, "?"), cmp.max_abs, cmp.needed,
+                              module_path(node))
     return None

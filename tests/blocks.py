@@ -5,10 +5,12 @@ builds any of ``BLOCK_KINDS`` with the given channel counts; ``ConvNet`` stacks 
 and in front of a pooled linear head; ``randomize(model, seed)`` gives every conv, norm and linear
 random weights *and* random BatchNorm running statistics (fresh BN is the identity and hides bugs).
 
-Reparameterisable blocks (RepVGG, MobileOne-style, ACNet/DBB-style) have a ``reparameterize()`` that
-returns the single ``nn.Conv2d`` equal to the block's linear part (written independently of qlfx's
-merge-parallel pass, the way the RepVGG authors do it: fuse each conv+BN, pad 1x1 to 3x3, identity as a
-one-hot 3x3 kernel, sum).
+Reparameterisable blocks (RepVGG, MobileOne-style, ACNet/DBB-style, FastViT's RepMixer token mixer, and
+NestedBranches: branches nested, subtracted and scaled) have a ``reparameterize()`` that returns the
+single ``nn.Conv2d`` equal to the block's linear part (written independently of qlfx's merge-parallel
+pass, the way the RepVGG authors do it: fuse each conv+BN, pad 1x1 to 3x3, identity as a one-hot 3x3
+kernel, sum). RepMixer and NestedBranches (cin == cout) are not in ``BLOCK_KINDS``, which other test files
+parametrize over.
 """
 from __future__ import annotations
 
@@ -152,6 +154,83 @@ class ACBlock(nn.Module):
         wp, bp = _fuse_conv_bn(self.point[0], self.point[1])
         w = w + F.pad(wh, [0, 0, 1, 1]) + F.pad(wv, [1, 1, 0, 0]) + F.pad(wp, [1, 1, 1, 1])
         return _plain_conv(self.cin, self.cout, 3, self.stride, 1, w, b + bh + bv + bp)
+
+
+class RepMixer(nn.Module):
+    """FastViT's token mixer (Vasu et al. 2023) written the way timm writes it:
+    ``x + gamma * (mixer(x) - norm(x))`` with ``mixer`` a depthwise MobileOne block without activation
+    (BN identity + 1x1 + kxk conv+BN branches, accumulated with ``+=``) and ``norm`` a BN-only branch
+    (``0 + BN(x)``: its absent conv branches are the number 0). ``gamma`` is a per-channel layer scale
+    with distinct signed values. ``reparameterize()`` returns the one depthwise kxk conv."""
+
+    def __init__(self, dim, kernel=3):
+        super().__init__()
+        self.dim, self.kernel = dim, kernel
+        self.mixer_identity = nn.BatchNorm2d(dim)
+        self.mixer_scale = ConvBN(dim, dim, 1, 1, 0, groups=dim)
+        self.mixer_kxk = nn.ModuleList([ConvBN(dim, dim, kernel, 1, kernel // 2, groups=dim)])
+        self.norm_identity = nn.BatchNorm2d(dim)
+        self.gamma = nn.Parameter(torch.linspace(-1.2, 1.5, dim).view(dim, 1, 1))
+
+    def mixer(self, x):
+        out = self.mixer_scale(x) + self.mixer_identity(x)
+        for rc in self.mixer_kxk:
+            out += rc(x)
+        return out
+
+    def norm(self, x):
+        scale_out = 0
+        return scale_out + self.norm_identity(x)
+
+    def forward(self, x):
+        return x + self.gamma * (self.mixer(x) - self.norm(x))
+
+    @torch.no_grad()
+    def reparameterize(self) -> nn.Conv2d:
+        k, c = self.kernel, self.dim
+        identity = torch.zeros(c, 1, k, k, dtype=torch.float64)
+        identity[:, 0, k // 2, k // 2] = 1.0
+        wi, bi = _identity_bn_kernel(self.mixer_identity, c, c, k)
+        ws, bs = _fuse_conv_bn(self.mixer_scale[0], self.mixer_scale[1])
+        wk, bk = _fuse_conv_bn(self.mixer_kxk[0][0], self.mixer_kxk[0][1])
+        wn, bn = _identity_bn_kernel(self.norm_identity, c, c, k)
+        pad = (k - 1) // 2
+        g = self.gamma.double().view(-1)
+        weight = identity + g.view(-1, 1, 1, 1) * (wi + F.pad(ws, [pad] * 4) + wk - wn)
+        return _plain_conv(c, c, k, 1, c, weight, g * (bi + bs + bk - bn))
+
+
+class NestedBranches(nn.Module):
+    """Parallel branches summed the long way round — nested, subtracted, negated, scaled and divided by
+    numbers, a number added — and an identity: all linear in x, so one conv before the ReLU.
+    ``reparameterize()`` returns it, expanded by hand:
+    ``x - y = x + b/2 - BN(x)/4 + a/4 + 1 - 2 c``."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.c = c
+        self.a = ConvBN(c, c, 3)
+        self.b = nn.Conv2d(c, c, 1)
+        self.h = ConvBN(c, c, (1, 3), padding=(0, 1))
+        self.bn = nn.BatchNorm2d(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = 0.5 * self.b(x) - (self.bn(x) - self.a(x)) / 4
+        y = -(y + 1.0) + 2 * self.h(x)
+        return self.act(1.0 - (y - x) - 1.0)  # x - y, with a reversed subtraction (aten.rsub)
+
+    @torch.no_grad()
+    def reparameterize(self) -> nn.Conv2d:
+        c = self.c
+        identity = torch.zeros(c, c, 3, 3, dtype=torch.float64)
+        identity[torch.arange(c), torch.arange(c), 1, 1] = 1.0
+        wa, ba = _fuse_conv_bn(self.a[0], self.a[1])
+        wh, bh = _fuse_conv_bn(self.h[0], self.h[1])
+        wn, bn = _identity_bn_kernel(self.bn, c, 1)
+        wb, bb = self.b.weight.double(), self.b.bias.double()
+        weight = identity + 0.5 * F.pad(wb, [1, 1, 1, 1]) - wn / 4 + wa / 4 - 2 * F.pad(wh, [0, 0, 1, 1])
+        return _plain_conv(c, c, 3, 1, 1, weight, 0.5 * bb - bn / 4 + ba / 4 + 1.0 - 2 * bh)
 
 
 class UncentredParallel(nn.Module):

@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import qlfx
+from passtools import ExactButPerturbs  # noqa: F401  (registers test-exact-perturbs)
 
 from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
 from qlfx import ir
@@ -86,12 +88,12 @@ def test_run_ok_with_print_and_dump(tmp_path, capsys):
     out = capsys.readouterr().out
     assert rc == EXIT_OK
     assert "# *** IR after fold-bn ***" in out and "# *** fold-bn changed the IR ***" in out
-    assert "-    stem_1 = torch.nn.functional.batch_norm" in out  # the diff removes the stem BN
+    assert '-    stem_1: "f32[1, 8, 8, 8]" = aten.batch_norm.default(stem_0, ' in out  # the diff removes the stem BN
     names = sorted(p.name for p in dump.iterdir())
     stages = ["input"] + qlfx.DEFAULT_PIPELINE.split(",")
     for stem in (f"{i:03d}_{name}" for i, name in enumerate(stages)):
         assert f"{stem}.py" in names and f"{stem}.dot" in names
-    assert "def forward" in (dump / "001_fold-bn.py").read_text()
+    assert (dump / "001_fold-bn.py").read_text().startswith('# after fold-bn (changed)\ndef forward(self, x: "f32[1, 3, 8, 8]"):')
     # diff of two dumped stages
     assert main(["diff", str(dump / "000_input.py"), str(dump / "001_fold-bn.py")]) == EXIT_OK
     out = capsys.readouterr().out
@@ -121,7 +123,17 @@ def test_bisect_cli(capsys):
     assert "first bad pass: #2 'test-cli-negates-second-bias'" in out
     assert f"first bad rewrite: #2 of" in out and _second_biased_conv() in out
     assert main(["run", *MODEL, "--bisect"]) == EXIT_OK
-    assert "no pass broke equivalence" in capsys.readouterr().out
+    assert "no pass broke its contract" in capsys.readouterr().out
+
+
+def test_bisect_cli_agrees_with_run_on_an_exact_pass_that_moves_outputs_by_1e7(capsys):
+    """`run` holds an exact pass to tolerance 0; `--bisect` must judge it the same way, although the
+    outputs stay within 1e-4 of the model."""
+    passes = ["--passes", "fold-bn,test-exact-perturbs,dce"]
+    assert main(["run", *MODEL, *passes]) == EXIT_NOT_EQUIVALENT
+    assert "pass 'test-exact-perturbs' broke equivalence" in capsys.readouterr().err
+    assert main(["run", *MODEL, *passes, "--bisect"]) == EXIT_NOT_EQUIVALENT
+    assert "first bad pass: #2 'test-exact-perturbs' (exact contract)" in capsys.readouterr().out
 
 
 def test_report_and_svg(tmp_path, capsys):
@@ -146,6 +158,7 @@ def test_report_and_svg(tmp_path, capsys):
     (["run", f"{BLOCKS}:small_convnet", "--input-shape", "1,-3,8,8"], "bad --input-shape"),
     (["run", *MODEL, "--emit", "onnx"], "--emit needs -o"),
     (["run", *MODEL, "--load", "no/such/passes.py"], "does not exist"),
+    (["run", *MODEL, "--leaf", "blocks.0"], "unrecognized arguments: --leaf"),  # torch.export has no leaves
     (["run"], ""),
     (["frobnicate"], ""),
 ])
@@ -179,10 +192,44 @@ def test_unwritable_output_leaves_nothing(tmp_path, capsys):
         locked.chmod(0o700)
 
 
-def test_internal_error_exits_3(capsys):
-    assert main(["run", *MODEL, "--passes", "test-cli-crashes"]) == EXIT_INTERNAL
+def test_crashing_pass_exits_3_naming_the_pass_without_a_traceback(capsys, tmp_path):
+    rc = main(["run", *MODEL, "--passes", "fold-bn,test-cli-crashes", "--report", str(tmp_path / "r.md")])
+    captured = capsys.readouterr()
+    assert rc == EXIT_INTERNAL
+    assert "error: pass 'test-cli-crashes' raised: RuntimeError: pass bug" in captured.err
+    assert "(RuntimeError raised at test_cli.py:" in captured.err and "in run)" in captured.err
+    assert "Traceback" not in captured.err
+    assert "fold-bn" in captured.out  # the report up to the failing pass
+    assert "FAILED" in (tmp_path / "r.md").read_text()
+
+
+def test_untraceable_model_exits_2_saying_where_and_what_to_do(tmp_path, capsys):
+    source = tmp_path / "branchy.py"
+    source.write_text(
+        "import torch\n"
+        "class Branchy(torch.nn.Module):\n"
+        "    def forward(self, x):\n"
+        "        if x.sum() > 0:\n"
+        "            return x * 2\n"
+        "        return x\n"
+        "def model():\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), Branchy())\n")
+    assert main(["run", f"{source}:model", "--input-shape", "1,3,4,4"]) == EXIT_USAGE
     err = capsys.readouterr().err
-    assert "pass bug" in err and "internal error" in err
+    assert "torch.export could not capture the model" in err and "Traceback" not in err
+    assert "module '1' (Branchy), branchy.py:4: `if x.sum() > 0:`" in err
+    assert "What to do" in err and "torch.where" in err
+
+
+def test_dynamic_batch(tmp_path, capsys):
+    dump = tmp_path / "dump"
+    assert main(["run", *MODEL, "--dynamic-batch", "--passes", "fold-bn,dce", "--dump-dir", str(dump)]) == EXIT_OK
+    first = (dump / "000_input.py").read_text().splitlines()[1]
+    assert first.startswith('def forward(self, x: "f32[s') and first.endswith(', 3, 8, 8]"):')
+    capsys.readouterr()
+    assert main(["run", *MODEL, "--dynamic-batch", "--passes", "fold-bn,test-cli-negates-second-bias", "--bisect"]) \
+        == EXIT_NOT_EQUIVALENT
+    assert "first bad pass: #2 'test-cli-negates-second-bias'" in capsys.readouterr().out
 
 
 def test_compare_cli(tmp_path, capsys):
@@ -220,6 +267,27 @@ def test_subprocess_run_qlnet_tiny():
     done = _qlfx("run", "qlnet-tiny")
     assert done.returncode == EXIT_OK, done.stderr
     assert "fold-bn" in done.stdout and "dce" in done.stdout
+
+
+def test_subprocess_loaded_crashing_pass_exits_3(tmp_path):
+    plugin = tmp_path / "my_passes.py"
+    plugin.write_text(
+        "from qlfx import ir\n"
+        "from qlfx.pass_manager import Pass, PassResult, register_pass\n"
+        "@register_pass\n"
+        "class Crashes(Pass):\n"
+        "    name = 'plugin-crashes'\n"
+        "    description = 'a bug'\n"
+        "    contract = 'equivalent'\n"
+        "    def run(self, gm, ctx):\n"
+        "        for node in gm.graph.nodes:\n"
+        "            if ir.ConvCall.of(node) is not None:\n"
+        "                ir.get_tensor(gm, node.args[1]) + 'one'\n"
+        "        return PassResult(False)\n")
+    done = _qlfx("run", *MODEL, "--load", str(plugin), "--passes", "fold-bn,plugin-crashes")
+    assert done.returncode == EXIT_INTERNAL, done.stderr
+    assert "pass 'plugin-crashes' raised while working on node stem_0 (conv2d in stem.0): TypeError" in done.stderr
+    assert "(TypeError raised at my_passes.py:11 in run)" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_subprocess_loaded_broken_pass_exits_1(tmp_path):

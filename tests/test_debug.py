@@ -7,11 +7,16 @@ import torch
 import torch.nn as nn
 
 import qlfx
+from passtools import ExactButPerturbs
 from blocks import ConvNet, randomize
 from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
 from qlfx import debug, ir
 from qlfx.errors import UsageError
+from qlfx.instruments import DumpDir, graph_code
+from qlfx.ops import branch_product
 from qlfx.pass_manager import Pass, PassResult, register_pass
+
+aten = torch.ops.aten
 
 
 @register_pass
@@ -75,7 +80,25 @@ def test_bisect_reports_nothing_when_all_passes_hold(tiny):
     model, x = tiny
     found = debug.bisect(model, qlfx.DEFAULT_PIPELINE, x)
     assert not found.found and found.pass_name is None
-    assert "no pass broke" in str(found)
+    assert "no pass broke its contract" in str(found)
+
+
+def test_bisect_judges_each_pass_by_its_own_contract_as_run_does(tiny):
+    """An exact pass that moves the outputs by 1e-7 after an equivalent one: `run` rejects it (tolerance
+    0 for exact), so bisect must name it too, although the graph is within 1e-4 of the model."""
+    model, x = tiny
+    pipeline = "fold-bn,test-exact-perturbs,dce"
+    with pytest.raises(qlfx.EquivalenceError) as info:
+        qlfx.compile(model, pipeline, x)
+    assert info.value.pass_name == "test-exact-perturbs"
+    found = debug.bisect(model, pipeline, x)
+    assert (found.pass_name, found.pass_index, found.contract) == ("test-exact-perturbs", 2, "exact")
+    assert "allowed 0" in found.error and "exact contract" in str(found)
+    # the same pass under an equivalent contract holds, for run and bisect alike
+    loose = ExactButPerturbs()
+    loose.contract = "equivalent"
+    qlfx.compile(model, ["fold-bn", loose, "dce"], x)
+    assert not debug.bisect(model, ["fold-bn", loose, "dce"], x).found
 
 
 def test_bisect_pass_that_raises(tiny):
@@ -90,25 +113,69 @@ def test_bisect_pass_that_raises(tiny):
 
     model, x = tiny
     found = debug.bisect(model, "fold-bn,test-debug-raises,dce", x)
-    assert found.pass_name == "test-debug-raises" and "boom" in found.error
+    assert (found.pass_name, found.pass_index) == ("test-debug-raises", 2) and "boom" in found.error
+
+
+def test_bisect_names_the_node_a_crashing_pass_was_working_on(tiny):
+    @register_pass
+    class CrashesOnDepthwise(Pass):
+        name = "test-debug-crashes-on-depthwise"
+        description = "test pass: a TypeError at the first depthwise conv"
+        contract = "equivalent"
+
+        def run(self, gm, ctx):
+            for node in gm.graph.nodes:
+                conv = ir.ConvCall.of(node)
+                if conv is not None and conv.groups > 1:
+                    conv.groups + "1"  # the bug
+            return PassResult(False)
+
+    model, x = tiny
+    found = debug.bisect(model, "fold-bn,test-debug-crashes-on-depthwise", x)
+    gm = qlfx.compile(model, "fold-bn", x).graph_module
+    depthwise = next(n.name for n in gm.graph.nodes if ir.ConvCall.of(n) and ir.ConvCall.of(n).groups > 1)
+    assert found.pass_name == "test-debug-crashes-on-depthwise" and "TypeError" in found.error
+    assert found.site.startswith(f"{depthwise} (conv2d in ") and f"while working on node {depthwise}" in str(found)
 
 
 def test_count_macs_from_shapes():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1, groups=4),
                           nn.Flatten(), nn.Linear(8 * 5 * 5, 10)).eval()
-    gm = qlfx.trace(model, (torch.randn(2, 3, 5, 5),))
     expected = 2 * 8 * 25 * 3 * 9 + 2 * 8 * 25 * 2 * 9 + 2 * 10 * 200
+    gm = qlfx.trace(model, (torch.randn(2, 3, 5, 5),))
     assert debug.count_macs(gm) == expected
+    # a symbolic batch counts as the example's batch
+    assert debug.count_macs(qlfx.trace(model, (torch.randn(2, 3, 5, 5),), dynamic_batch=True)) == expected
+
+
+def test_count_macs_of_matmuls_and_branch_products():
+    class Heads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wa = nn.Parameter(torch.randn(8, 4, 1, 1))
+            self.wb = nn.Parameter(torch.randn(8, 1, 3, 3))
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            p = branch_product(x, self.wa, None, self.wb, None, padding_b=1, groups_b=4)  # depthwise b-branch
+            v = p.mean((2, 3))
+            return torch.addmm(self.fc.bias, v, self.fc.weight.t()) + v @ self.fc.weight.t()
+
+    x = torch.randn(2, 4, 5, 5)
+    gm = qlfx.trace(Heads().eval(), (x,))
+    assert {aten.addmm.default, torch.ops.qlfx.branch_product.default} <= {n.target for n in gm.graph.nodes}
+    assert debug.count_macs(gm) == 2 * 8 * 25 * (4 + 9) + 2 * (2 * 5 * 8)
 
 
 def test_diff_stages_lists_nodes(tmp_path, tiny):
     model, x = tiny
-    from qlfx.instruments import DumpDir
-
     qlfx.compile(model, "fold-bn,dce", x, instruments=[DumpDir(tmp_path, pictures=False)])
     d = debug.diff_stages(tmp_path / "000_input.py", tmp_path / "001_fold-bn.py")
-    assert "stem_1" in d.removed and "stem_0_weight_bn" in d.added and "stem_2" in d.changed
-    assert "-    stem_1 = torch.nn.functional.batch_norm" in d.unified
+    # fold-bn removes the stem's BN, adds folded weights, gives the conv new weights (changed) and
+    # rewires the ReLU that read the BN (changed)
+    assert "stem_1" in d.removed and "stem_0_weight_bn" in d.added and {"stem_0", "stem_2"} <= set(d.changed)
+    assert '-    stem_1: "f32[1, 8, 8, 8]" = aten.batch_norm.default(stem_0, stem_1_weight, ' in d.unified
+    assert '+    stem_0_weight_bn: "f32[8, 3, 3, 3]" = self["stem_0_weight_bn"]  # by fold-bn' in d.unified
     assert "|" in d.side_by_side or "<" in d.side_by_side
     same = debug.diff_stages(tmp_path / "001_fold-bn.py", tmp_path / "001_fold-bn.py")
     assert same.identical
@@ -153,6 +220,36 @@ def test_svg_dir(tmp_path, tiny):
     else:
         assert names == ["000_input.svg", "001_fold-bn.svg", "002_dce.svg"]
         assert "#ffb347" in (tmp_path / "pics" / "001_fold-bn.svg").read_text()  # fold-bn's nodes highlighted
+
+
+def test_listing_reads_like_the_model():
+    """The dump of a stage: weights by state-dict path, ATen ops by overload, every value's dtype and
+    shape (a symbolic batch under dynamic_batch), and which pass made a node."""
+    model = randomize(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()), seed=1)
+    x = torch.randn(1, 3, 6, 6)
+    lines = graph_code(qlfx.trace(model, (x,))).splitlines()
+    assert lines[0] == 'def forward(self, input_1: "f32[1, 3, 6, 6]"):'
+    assert '    _1_running_var: "f32[4]" = self["1.running_var"]' in lines
+    assert '    _0: "f32[1, 4, 6, 6]" = aten.conv2d.default(input_1, _0_weight, _0_bias, [1, 1], [1, 1])' in lines
+    assert lines[-2] == '    _2: "f32[1, 4, 6, 6]" = aten.relu.default(_1)' and lines[-1] == "    return _2"
+    folded = graph_code(qlfx.compile(model, "fold-bn,dce", (x,)).graph_module).splitlines()
+    assert '    _0_weight_bn: "f32[4, 3, 3, 3]" = self["0_weight_bn"]  # by fold-bn' in folded
+    assert not any("batch_norm" in line for line in folded)
+    dynamic = graph_code(qlfx.trace(model, (x,), dynamic_batch=True)).splitlines()
+    batch = dynamic[0].split('"f32[')[1].split(",")[0]
+    assert batch.startswith("s") and dynamic[-2] == f'    _2: "f32[{batch}, 4, 6, 6]" = aten.relu.default(_1)'
+
+
+def test_dump_pictures_highlight_what_the_pass_touched(tmp_path, tiny):
+    """fold-bn gives the stem conv new weights without making a new node: the picture of its stage
+    still marks the conv (and the rewired ReLU), and nothing the pass left alone."""
+    model, x = tiny
+    qlfx.compile(model, "fold-bn,dce", x, instruments=[DumpDir(tmp_path)])
+    dot = (tmp_path / "001_fold-bn.dot").read_text()
+    marked = {line.split('"')[1] for line in dot.splitlines() if "#ffb347" in line}
+    assert {"stem_0", "stem_2"} <= marked and "x" not in marked
+    assert 'label="stem_0\\nconv2d 3x3\\nf32[1, 8, 8, 8]"' in dot
+    assert "#ffb347" not in (tmp_path / "002_dce.dot").read_text()  # dce only drops dead weights and nodes
 
 
 def _onnx_or_skip():

@@ -3,13 +3,16 @@ import io
 
 import pytest
 import torch
-import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 import qlfx
+from passtools import ExactButPerturbs
 from qlfx import instruments as ins
 from qlfx import ir
 from qlfx.models import qlnet, randomize_batchnorm
 from qlfx.pass_manager import Pass, PassResult, parse_pipeline
+
+aten = torch.ops.aten
 
 
 class ScaleOneConv(Pass):
@@ -26,20 +29,6 @@ class ScaleOneConv(Pass):
         with gm.graph.inserting_before(convs[1]):
             target.set_args(weight=ir.constant_node(gm, w * 1.5, "scaled"))
         return PassResult(changed=True, rewrites=[convs[1].name])
-
-
-class RenameNothing(Pass):
-    name = "exact-noop-but-perturbs"
-    description = "claims exact, adds 1e-7 to the output"
-    contract = "exact"
-
-    def run(self, gm, ctx):
-        out = next(n for n in gm.graph.nodes if n.op == "output")
-        value = out.args[0]
-        with gm.graph.inserting_before(out):
-            bumped = gm.graph.call_function(torch.add, (value, 1e-7))
-        out.args = (bumped,)
-        return PassResult(changed=True)
 
 
 def _model():
@@ -67,10 +56,10 @@ def test_wrong_pass_is_caught_and_named_with_first_diverging_node():
 def test_exact_contract_is_checked_bit_for_bit():
     x = torch.randn(1, 3, 32, 32)
     with pytest.raises(qlfx.EquivalenceError) as info:
-        qlfx.compile(_model(), passes=[RenameNothing()], example_inputs=(x,))
-    assert info.value.pass_name == "exact-noop-but-perturbs"
+        qlfx.compile(_model(), passes=[ExactButPerturbs()], example_inputs=(x,))
+    assert info.value.pass_name == "test-exact-perturbs"
     # the same perturbation is fine for an 'equivalent' pass
-    loose = RenameNothing()
+    loose = ExactButPerturbs()
     loose.contract = "equivalent"
     qlfx.compile(_model(), passes=[loose], example_inputs=(x,))
 
@@ -86,9 +75,8 @@ def test_verification_uses_calibration_inputs_too():
         def run(self, gm, ctx):
             x = next(n for n in gm.graph.nodes if n.op == "placeholder")
             with gm.graph.inserting_after(x):
-                c = gm.graph.call_function(torch.clamp, (x, -10.0, 10.0))
-            x.replace_all_uses_with(c)
-            c.args = (x, -10.0, 10.0)
+                c = ir.call(gm, aten.clamp.default, (x, -10.0, 10.0), like=x)
+            x.replace_all_uses_with(c, delete_user_cb=lambda user: user is not c)
             return PassResult(changed=True)
 
     x = torch.randn(1, 3, 32, 32)
@@ -111,10 +99,14 @@ def test_pipeline_strings_and_unknown_names():
 
 def test_instruments_print_and_dump(tmp_path):
     x = torch.randn(1, 3, 32, 32)
-    before_after, changed = io.StringIO(), io.StringIO()
+    before_after, changed, times = io.StringIO(), io.StringIO(), io.StringIO()
+    timing = ins.Timing(stream=times)
     qlfx.compile(_model(), passes="fold-bn,constant-fold,dce", example_inputs=(x,), instruments=[
         ins.PrintIR(before="fold-bn", after="all", stream=before_after), ins.PrintChanged(stream=changed),
-        ins.DumpDir(tmp_path)])
+        ins.DumpDir(tmp_path), timing])
+    assert list(timing.seconds) == ["fold-bn", "constant-fold", "dce"]
+    assert [line.split(":")[0] for line in times.getvalue().splitlines()] == [
+        "[timing] 001 fold-bn", "[timing] 002 constant-fold", "[timing] 003 dce"]
     text = before_after.getvalue()
     assert "IR before fold-bn" in text and "IR after dce" in text and "IR after constant-fold" in text
     assert "batch_norm" in text.split("IR after fold-bn")[0]
@@ -144,7 +136,63 @@ def test_provenance_names_the_pass_that_made_nodes():
     assert origins == {"trace", "fold-bn"}
     for n in gm.graph.nodes:
         if n.op != "output":
-            assert "tensor_meta" in n.meta, n.name
+            assert isinstance(n.meta["val"], FakeTensor), n.name  # refreshed after the pass
+
+
+class RaisesAtSecondConv(Pass):
+    """A bug: a TypeError at the second conv."""
+
+    name = "raises-at-second-conv"
+    description = "broken on purpose"
+    contract = "equivalent"
+
+    def run(self, gm, ctx):
+        convs = 0
+        for node in gm.graph.nodes:
+            if ir.ConvCall.of(node) is not None:
+                convs += 1
+                if convs == 2:
+                    ir.ConvCall.of(node).stride + 1  # tuple + int
+        return PassResult(changed=False)
+
+
+class LeavesUseBeforeDefinition(Pass):
+    """A bug that raises nothing itself: the first conv reads a value computed after it."""
+
+    name = "leaves-use-before-definition"
+    description = "broken on purpose"
+    contract = "equivalent"
+
+    def run(self, gm, ctx):
+        convs = [ir.ConvCall.of(n) for n in gm.graph.nodes if ir.ConvCall.of(n)]
+        convs[0].set_args(input=convs[-1].node)
+        return PassResult(changed=True)
+
+
+def test_a_pass_that_raises_is_a_pass_error_naming_pass_and_node():
+    x = torch.randn(1, 3, 32, 32)
+    model = _model()
+    with pytest.raises(qlfx.PassError) as info:
+        qlfx.compile(model, passes=["fold-bn", RaisesAtSecondConv(), "dce"], example_inputs=(x,))
+    err = info.value
+    assert err.pass_name == "raises-at-second-conv" and isinstance(err.error, TypeError)
+    assert err.node == "layer1_0_conv1_conv (conv2d in layer1.0.conv1.conv)"
+    assert "pass 'raises-at-second-conv' raised while working on node layer1_0_conv1_conv" in str(err)
+    assert "TypeError" in str(err) and ".last_good" in str(err)
+    # last_good is the graph before the pass: after fold-bn, and still the model's function
+    after_fold = qlfx.compile(model, passes="fold-bn", example_inputs=(x,)).graph_module
+    assert ins.graph_code(err.last_good) == ins.graph_code(after_fold)
+    assert [r.pass_name for r in err.report.rows] == ["(trace)", "fold-bn"]
+    with torch.no_grad():
+        torch.testing.assert_close(err.last_good(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_pass_that_leaves_a_malformed_graph_is_a_pass_error():
+    x = torch.randn(1, 3, 32, 32)
+    with pytest.raises(qlfx.PassError, match="'leaves-use-before-definition' left a malformed graph") as info:
+        qlfx.compile(_model(), passes=[LeavesUseBeforeDefinition()], example_inputs=(x,))
+    assert "used before it has been defined" in str(info.value.error)
+    assert info.value.last_good is not None
 
 
 class NegateLogits(Pass):
@@ -157,10 +205,11 @@ class NegateLogits(Pass):
     option_defaults = {"budget": None, "accuracy_drop": None, "scale": -1.0}
 
     def run(self, gm, ctx):
-        out = next(n for n in gm.graph.nodes if n.op == "output")
+        out = gm.graph.output_node()
+        (logits,) = ir.output_values(gm)
         with gm.graph.inserting_before(out):
-            scaled = gm.graph.call_function(torch.mul, (out.args[0], float(self.options["scale"])))
-        out.args = (scaled,)
+            scaled = ir.call(gm, aten.mul.Scalar, (logits, float(self.options["scale"])), like=logits)
+        out.args = ((scaled,),)
         return PassResult(changed=True)
 
 

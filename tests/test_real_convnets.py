@@ -3,9 +3,9 @@ them on random weights and random BN statistics; ONNX emission matches in onnxru
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import qlfx
+from qlfx import ir
 from qlfx.models import randomize_batchnorm
 from realnets import REAL_NETS
 
@@ -26,10 +26,14 @@ def test_default_pipeline_keeps_real_convnets_equivalent(name):
     assert (out - ref).abs().max() <= 1e-4 * ref.abs().max()
     gm = compiled.graph_module
     # every BatchNorm that sits next to a linear op is gone
-    left = [n for n in gm.graph.nodes if n.target is F.batch_norm]
+    left = [n for n in gm.graph.nodes if ir.is_op(n, ir.BATCH_NORM)]
     fold_row = next(r for r in compiled.report.rows if r.pass_name == "fold-bn")
     skipped = fold_row.result.skipped
     assert len(left) == len(skipped), (left, skipped)
+    for bn in left:  # what is left has no linear op of its own on either side
+        before = bn.args[0]
+        assert not ((ir.ConvCall.of(before) or ir.LinearCall.of(before)) and len(before.users) == 1), bn
+        assert not all(ir.ConvCall.of(u) or ir.LinearCall.of(u) for u in bn.users), bn
 
 
 @pytest.mark.parametrize("name", sorted(REAL_NETS))

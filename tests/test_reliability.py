@@ -6,7 +6,6 @@ The heavy version of the property test runs with ``QLFX_STRESS=1 pytest tests/st
 from __future__ import annotations
 
 import copy
-import operator
 import os
 
 import pytest
@@ -19,15 +18,11 @@ from hypothesis import strategies as st
 import qlfx
 from blocks import ACTIVATIONS, BLOCK_KINDS, ConvBN, ConvNet, SqueezeExcite, randomize
 from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
-from qlfx import debug
+from qlfx import debug, ir
 from qlfx.errors import UnsupportedOpsError, UsageError
 from qlfx.models import qlnet, qlnet_eq3
 
-for _optional in ("merge_parallel", "fuse_product"):  # registered by passes/__init__ once the lead adds them
-    try:
-        __import__(f"qlfx.passes.{_optional}")
-    except ImportError:
-        pass
+aten = torch.ops.aten
 
 
 def _onnx_available() -> str | None:
@@ -92,10 +87,9 @@ def test_squeeze_excitation_product_is_left_alone():
     x = torch.randn(1, 4, 7, 7)
     compiled = qlfx.compile(net, _all_equivalent_pipeline(), (x,))
     gm = compiled.graph_module
-    assert not any("branch_product" in str(n.target) for n in gm.graph.nodes)
-    gates = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (operator.mul, torch.mul)]
-    assert len(gates) == 1 and any(a.op == "call_function" and a.target is torch.sigmoid
-                                   for a in gates[0].all_input_nodes)
+    assert not any(ir.is_op(n, torch.ops.qlfx.branch_product) for n in gm.graph.nodes)
+    gates = [n for n in gm.graph.nodes if ir.is_mul(n)]
+    assert len(gates) == 1 and any(ir.is_op(a, aten.sigmoid) for a in gates[0].all_input_nodes)
     torch.testing.assert_close(compiled(x), net(x), atol=1e-5, rtol=1e-4)
 
 
@@ -109,10 +103,10 @@ def test_unsupported_ops_reported_all_at_once(tmp_path):
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3, padding=1)
 
-        def forward(self, x):
-            y = torch.cumsum(self.conv(x), dim=1)
+        def forward(self, x):  # three ops torch.onnx has no translation for
+            y = torch.cummax(self.conv(x), dim=1)[0]
             y = torch.special.erfinv(torch.tanh(y))
-            return torch.fmod(y, 0.7)
+            return torch.special.bessel_j0(y)
 
     net = Odd().eval()
     x = torch.randn(1, 3, 5, 5)
@@ -121,7 +115,7 @@ def test_unsupported_ops_reported_all_at_once(tmp_path):
         compiled.to_onnx(tmp_path / "odd.onnx")
     message = str(info.value)
     assert len(info.value.sites) >= 3, message
-    for name in ("cumsum", "erfinv", "fmod"):
+    for name in ("cummax", "erfinv", "bessel_j0"):
         assert name in message
     assert not (tmp_path / "odd.onnx").exists()
 
@@ -168,7 +162,7 @@ def property_examples(default: int) -> int:
     return int(os.environ.get("QLFX_PROPERTY_EXAMPLES", default))
 
 
-@settings(max_examples=property_examples(12), deadline=None, derandomize=True,
+@settings(max_examples=property_examples(12), deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
 @given(case=random_nets())
 def test_random_nets_keep_equivalence_and_emit(case, tmp_path_factory):
@@ -244,7 +238,7 @@ def test_bn_before_zero_padded_conv_is_exact_at_borders(padding, stride, dilatio
     net = randomize(M(), seed=3)
     x = torch.randn(2, 3, 9, 8)
     compiled = qlfx.compile(net, qlfx.DEFAULT_PIPELINE, (x,))
-    assert not any(n.target is F.batch_norm for n in compiled.graph_module.graph.nodes)
+    assert not any(ir.is_op(n, aten.batch_norm) for n in compiled.graph_module.graph.nodes)
     ref, got = net(x), compiled(x)
     border = torch.zeros_like(ref, dtype=torch.bool)
     border[..., 0, :] = border[..., -1, :] = border[..., :, 0] = border[..., :, -1] = True

@@ -1,42 +1,51 @@
-"""Emit a canonical qlfx graph as a compiled TVM Relax module.
+"""Emit the qlfx IR as a compiled TVM Relax module.
 
     build_tvm(gm, example_inputs, target) -> TVMModule
 
-1. fx -> Relax: a direct converter over the canonical op set (qlfx.ir) with ``relax.BlockBuilder``;
-   weights become Relax constants (baked into the module). Every op it cannot convert is listed at
-   once in an ``UnsupportedOpsError``.
-2. The fused branch product ``torch.ops.qlfx.branch_product`` (conv1x1(x) * conv_b(x), see
-   qlfx/ops.py) becomes ``call_tir`` of the hand-written kernel of :mod:`qlfx.kernels`, tuned with
-   MetaSchedule against a persistent JSON database (a second build of the same shapes tunes nothing).
-   Without the kernel package it is lowered to two Relax conv2d + multiply (stated in ``.notes``).
+1. IR -> Relax: the rewritten GraphModule is re-exported (:func:`qlfx.capture.to_exported_program`,
+   symbolic batch when the graph was captured with ``dynamic_batch``), decomposed to core ATen
+   (``ExportedProgram.run_decompositions()``, what TVM's frontend runs) and converted by TVM's
+   ``relax.frontend.torch.from_exported_program``; weights are bound as Relax constants. Only qlfx's own
+   ops get converters here (``custom_convert_map``). Every op the importer has no converter for is
+   listed at once, at the qlfx node it came from, in an ``UnsupportedOpsError``, before any work.
+2. ``torch.ops.qlfx.branch_product`` (conv1x1(x) * conv_b(x), see qlfx/ops.py) becomes ``call_tir`` of
+   the hand-written kernel of :mod:`qlfx.kernels` (weights packed once, here), tuned with MetaSchedule
+   against a persistent JSON database (a second build of the same shapes tunes nothing); a site the
+   kernel does not cover (dtype, non-square windows), or ``use_kernels=False``, becomes two Relax
+   conv2d and a multiply (stated in the site's KernelRecord). ``hardball`` / ``softball`` become Relax
+   ops: x * r / max(|x|, r) and x * rsqrt(1 + |x|^2 / r^2), |x| over dim 1, r = radius or sqrt(C).
 3. The rest goes through Relax's default pipeline for the target (legalize, fuse, and for cuda the
    dlight default GPU schedules). Optionally (``tune_other_ops``) the remaining TIR tasks are tuned
    with MetaSchedule against the same database, skipping tasks the database already has.
 4. ``TVMModule`` runs on numpy / torch inputs; ``.export(path)`` writes ``path.so`` + ``path.json``
-   that :func:`qlfx.emit.tvm_runtime.load` runs without torch.
+   that :func:`qlfx.emit.tvm_runtime.load` runs without torch. With a symbolic batch the module takes
+   any batch size (the fused kernels have a symbolic batch too; they are tuned at the example's).
 """
 from __future__ import annotations
 
 import json
-import operator
 import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
+from torch.export.graph_signature import InputKind
 
-from .. import ir
-from ..errors import UnsupportedOpsError, UsageError
+from .. import capture, emit, ir
+from ..errors import QlfxError, UnsupportedOpsError, UsageError
 from ..io import atomic_output, atomic_write
+from ..ops import branch_product_kind, radius_of
 from . import tvm_runtime
 
-BRANCH_PRODUCT_NAME = "qlfx.branch_product.default"
+# custom_convert_map keys: TVM's importer looks converters up by ``node.target.__name__``
+BRANCH_PRODUCT = "branch_product.default"
+HARDBALL = "hardball.default"
+SOFTBALL = "softball.default"
 
 
 # ------------------------------------------------------------------------------------------- targets
@@ -81,458 +90,13 @@ def _physical_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-# --------------------------------------------------------------------------------- fx -> Relax
-@dataclass
-class _FusedSite:
-    """A branch_product node, lowered to a kernel (filled in after conversion)."""
-
-    node_name: str
-    args: dict  # shapes and attributes
-    gvar: Any = None
-
-
-class _Converter:
-    """fx GraphModule (canonical qlfx IR) -> Relax IRModule with one function ``main``."""
-
-    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], kernel_lowering: Callable):
-        from tvm import relax
-
-        self.gm = gm
-        self.example_inputs = example_inputs
-        self.relax = relax
-        self.R = relax.op
-        self.bb = relax.BlockBuilder()
-        self.env: dict[fx.Node, Any] = {}
-        self.kernel_lowering = kernel_lowering
-        self.fused_sites: list[dict] = []
-        self.handlers: dict[Any, Callable] = {
-            torch.conv2d: self.conv2d,
-            F.linear: self.linear,
-            F.batch_norm: self.batch_norm,
-            F.relu: lambda n, x, *a, **k: self.R.nn.relu(x),
-            torch.relu: lambda n, x, *a, **k: self.R.nn.relu(x),
-            F.hardtanh: self.hardtanh,
-            torch.sigmoid: lambda n, x, *a, **k: self.R.sigmoid(x),
-            torch.tanh: lambda n, x, *a, **k: self.R.tanh(x),
-            F.silu: lambda n, x, *a, **k: self.R.nn.silu(x),
-            F.hardswish: self.hardswish,
-            F.hardsigmoid: self.hardsigmoid,
-            F.gelu: self.gelu,
-            F.leaky_relu: lambda n, x, slope=0.01, inplace=False: self.R.nn.leakyrelu(x, slope),
-            F.max_pool2d: self.max_pool2d,
-            F.avg_pool2d: self.avg_pool2d,
-            F.adaptive_avg_pool2d: self.adaptive_avg_pool2d,
-            torch.flatten: self.reshape_to_output,
-            operator.add: self.binary(lambda a, b: self.R.add(a, b)),
-            torch.add: self.binary(lambda a, b: self.R.add(a, b)),
-            operator.sub: self.binary(lambda a, b: self.R.subtract(a, b)),
-            torch.sub: self.binary(lambda a, b: self.R.subtract(a, b)),
-            operator.mul: self.binary(lambda a, b: self.R.multiply(a, b)),
-            torch.mul: self.binary(lambda a, b: self.R.multiply(a, b)),
-            operator.truediv: self.binary(lambda a, b: self.R.divide(a, b)),
-            torch.div: self.binary(lambda a, b: self.R.divide(a, b)),
-            operator.getitem: self.getitem,
-            torch.cat: self.cat,
-            torch.reshape: self.reshape_to_output,
-            F.group_norm: self.group_norm,
-            F.layer_norm: self.layer_norm,
-            torch.permute: self.permute,
-            torch.mean: self.mean,
-            F.relu6: lambda n, x, inplace=False: self.R.clip(x, 0.0, 6.0),
-            F.dropout: lambda n, x, *a, **k: x,
-            torch.repeat_interleave: self.repeat_interleave,
-        }
-        self.methods: dict[str, Callable] = {
-            "add": self.binary(lambda a, b: self.R.add(a, b)),
-            "mul": self.binary(lambda a, b: self.R.multiply(a, b)),
-            "sub": self.binary(lambda a, b: self.R.subtract(a, b)),
-            "div": self.binary(lambda a, b: self.R.divide(a, b)),
-            "relu": lambda n, x, *a, **k: self.R.nn.relu(x),
-            "sigmoid": lambda n, x, *a, **k: self.R.sigmoid(x),
-            "view": self.reshape_to_output,
-            "reshape": self.reshape_to_output,
-            "flatten": self.reshape_to_output,
-            "contiguous": lambda n, x, *a, **k: x,
-            "repeat": self.repeat,
-            "permute": self.permute,
-            "mean": self.mean,
-            "sum": self.reduce_sum,
-        }
-
-    # ---- helpers
-    def dtype_of(self, node: fx.Node) -> str:
-        tm = node.meta.get("tensor_meta")
-        return str(tm.dtype).replace("torch.", "") if tm is not None else "float32"
-
-    def out_shape(self, node: fx.Node) -> tuple[int, ...]:
-        s = ir.shape(node)
-        if s is None:
-            raise UsageError(f"node '{node.name}' has no shape metadata; run ir.propagate_shapes(gm, inputs) first")
-        return s
-
-    def const(self, value, dtype: str = "float32"):
-        return self.relax.const(np.asarray(value, dtype=dtype), dtype)
-
-    def value(self, arg, dtype: str = "float32"):
-        if isinstance(arg, fx.Node):
-            return self.env[arg]
-        if isinstance(arg, (int, float, bool)):
-            return self.const(arg, dtype)
-        raise TypeError(f"unsupported argument {arg!r}")
-
-    def constant_tensor(self, node: fx.Node | None) -> np.ndarray | None:
-        """The numpy value of a get_attr node (None for None / non-constants)."""
-        if node is None or not isinstance(node, fx.Node) or node.op != "get_attr":
-            return None
-        return ir.get_tensor(self.gm, node).detach().cpu().numpy()
-
-    # ---- op handlers (each returns a Relax expression)
-    def conv2d(self, node, x, w, b=None, stride=1, padding=0, dilation=1, groups=1):
-        view = ir.ConvCall.of(node)
-        weight_shape = ir.shape(view.weight)
-        pad = view.padding
-        if pad == "valid":
-            pad = (0, 0)
-        elif pad == "same":
-            # torch 'same' pads (k-1)*d total, the extra one at the end
-            total = [(k - 1) * d for k, d in zip(weight_shape[2:], view.dilation)]
-            pad = (total[0] // 2, total[1] // 2, total[0] - total[0] // 2, total[1] - total[1] // 2)
-        y = self.R.nn.conv2d(self.env[view.input], self.env[view.weight], strides=view.stride, padding=pad,
-                             dilation=view.dilation, groups=view.groups)
-        if view.bias is not None:
-            y = self.R.add(self.bb.emit(y), self.R.reshape(self.env[view.bias], (1, -1, 1, 1)))
-        return y
-
-    def repeat_interleave(self, node, x, repeats, dim=None, output_size=None):
-        if not isinstance(repeats, int) or dim is None:
-            raise _Unsupported("repeat_interleave with tensor repeats or without dim")
-        return self.R.repeat(x, repeats, axis=dim)
-
-    def linear(self, node, x, w, b=None):
-        wt = self.constant_tensor(node.args[1])
-        weight_t = self.const(wt.T.copy(), str(wt.dtype)) if wt is not None else self.R.permute_dims(self.env[node.args[1]])
-        y = self.R.matmul(self.env[node.args[0]], weight_t)
-        if b is not None:
-            y = self.R.add(self.bb.emit(y), self.env[node.args[2]])
-        return y
-
-    def batch_norm(self, node, x, running_mean, running_var, weight=None, bias=None, training=False,
-                   momentum=0.1, eps=1e-5):
-        if training:
-            raise _Unsupported("batch_norm in training mode (call model.eval() before compiling)")
-        args = dict(zip(("x", "rm", "rv", "w", "b"), node.args[:5]))
-        args.update({k: node.kwargs[k] for k in ("weight", "bias") if k in node.kwargs})
-        eps = node.kwargs.get("eps", eps)
-        rm, rv = self.constant_tensor(args["rm"]), self.constant_tensor(args["rv"])
-        w, b = self.constant_tensor(args.get("w")), self.constant_tensor(args.get("b"))
-        if rm is None or rv is None or (args.get("w") is not None and w is None) or (args.get("b") is not None and b is None):
-            raise _Unsupported("batch_norm with non-constant statistics")
-        # y = (x - mean) / sqrt(var + eps) * w + b = x * scale + shift
-        scale = (w if w is not None else 1.0) / np.sqrt(rv.astype(np.float64) + eps)
-        shift = (b if b is not None else 0.0) - rm * scale
-        dtype = self.dtype_of(node)
-        rank = len(self.out_shape(node))
-        bshape = (1, -1) + (1,) * (rank - 2)
-        scaled = self.bb.emit(self.R.multiply(self.env[node.args[0]], self.const(scale.reshape(bshape), dtype)))
-        return self.R.add(scaled, self.const(shift.reshape(bshape), dtype))
-
-    def group_norm(self, node, x, num_groups, weight=None, bias=None, eps=1e-5):
-        c = self.out_shape(node)[1]
-        rank = len(self.out_shape(node))
-        dtype = self.dtype_of(node)
-        gamma = weight if weight is not None else self.const(np.ones(c), dtype)
-        beta = bias if bias is not None else self.const(np.zeros(c), dtype)
-        return self.R.nn.group_norm(x, gamma, beta, int(num_groups), 1, list(range(2, rank)), float(eps))
-
-    def layer_norm(self, node, x, normalized_shape, weight=None, bias=None, eps=1e-5):
-        rank = len(self.out_shape(node))
-        k = len(normalized_shape)
-        dtype = self.dtype_of(node)
-        gamma = weight if weight is not None else self.const(np.ones(tuple(normalized_shape)), dtype)
-        beta = bias if bias is not None else self.const(np.zeros(tuple(normalized_shape)), dtype)
-        return self.R.nn.layer_norm(x, gamma, beta, list(range(rank - k, rank)), float(eps))
-
-    def permute(self, node, x, *dims, **kw):
-        dims = kw.get("dims", dims)
-        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
-        return self.R.permute_dims(x, [int(d) for d in dims])
-
-    def _axes(self, node, dim):
-        rank = len(ir.shape(node.args[0]))
-        dims = dim if isinstance(dim, (tuple, list)) else [dim]
-        return [int(d) % rank for d in dims]
-
-    def mean(self, node, x, dim=None, keepdim=False, dtype=None):
-        dim, keepdim = node.kwargs.get("dim", dim), node.kwargs.get("keepdim", keepdim)
-        if dtype is not None or node.kwargs.get("dtype") is not None:
-            raise _Unsupported("mean with dtype")
-        return self.R.mean(x, None if dim is None else self._axes(node, dim), bool(keepdim))
-
-    def reduce_sum(self, node, x, dim=None, keepdim=False, dtype=None):
-        dim, keepdim = node.kwargs.get("dim", dim), node.kwargs.get("keepdim", keepdim)
-        if dtype is not None or node.kwargs.get("dtype") is not None:
-            raise _Unsupported("sum with dtype")
-        return self.R.sum(x, None if dim is None else self._axes(node, dim), bool(keepdim))
-
-    def hardtanh(self, node, x, min_val=-1.0, max_val=1.0, inplace=False):
-        min_val = node.kwargs.get("min_val", min_val)
-        max_val = node.kwargs.get("max_val", max_val)
-        return self.R.clip(x, float(min_val), float(max_val))
-
-    def hardswish(self, node, x, inplace=False):
-        return self.R.multiply(x, self.bb.emit(self.hardsigmoid(node, x)))
-
-    def hardsigmoid(self, node, x, inplace=False):
-        dtype = self.dtype_of(node)
-        shifted = self.bb.emit(self.R.add(x, self.const(3.0, dtype)))
-        return self.R.divide(self.bb.emit(self.R.clip(shifted, 0.0, 6.0)), self.const(6.0, dtype))
-
-    def gelu(self, node, x, approximate="none"):
-        return self.R.nn.gelu_tanh(x) if node.kwargs.get("approximate", approximate) == "tanh" else self.R.nn.gelu(x)
-
-    def max_pool2d(self, node, x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-                   return_indices=False):
-        kw = node.kwargs
-        kernel_size = kw.get("kernel_size", kernel_size)
-        stride = kw.get("stride", stride) or kernel_size
-        if kw.get("return_indices", return_indices):
-            raise _Unsupported("max_pool2d with return_indices=True")
-        return self.R.nn.max_pool2d(x, _pair(kernel_size), _pair(stride), _pair(kw.get("padding", padding)),
-                                    _pair(kw.get("dilation", dilation)), bool(kw.get("ceil_mode", ceil_mode)))
-
-    def avg_pool2d(self, node, x, kernel_size, stride=None, padding=0, ceil_mode=False, count_include_pad=True,
-                   divisor_override=None):
-        if divisor_override is not None:
-            raise _Unsupported("avg_pool2d with divisor_override")
-        stride = stride or kernel_size
-        return self.R.nn.avg_pool2d(x, _pair(kernel_size), _pair(stride), _pair(padding), (1, 1), bool(ceil_mode),
-                                    bool(count_include_pad))
-
-    def adaptive_avg_pool2d(self, node, x, output_size):
-        return self.R.nn.adaptive_avg_pool2d(x, _pair(output_size))
-
-    def reshape_to_output(self, node, x, *args, **kwargs):
-        return self.R.reshape(self.env[node.args[0]], self.out_shape(node))
-
-    def repeat(self, node, x, *reps):
-        reps = reps[0] if len(reps) == 1 and isinstance(reps[0], (tuple, list)) else reps
-        return self.R.tile(x, [int(r) for r in reps])
-
-    def cat(self, node, tensors, dim=0):
-        return self.R.concat([self.env[t] for t in tensors], axis=int(node.kwargs.get("dim", dim)))
-
-    def binary(self, fn):
-        def handler(node, a, b, *rest, **kw):
-            if rest or kw.get("alpha", 1) != 1:
-                raise _Unsupported("add/sub with alpha")
-            dtype = self.dtype_of(node)
-            return fn(self.value(node.args[0], dtype), self.value(node.args[1], dtype))
-
-        return handler
-
-    def getitem(self, node, x, index):
-        if not isinstance(node.args[0], fx.Node) or ir.shape(node.args[0]) is None:
-            raise _Unsupported("getitem on a non-tensor value")
-        index = index if isinstance(index, tuple) else (index,)
-        in_shape = ir.shape(node.args[0])
-        axes, begin, end, strides, squeeze = [], [], [], [], []
-        for axis, item in enumerate(index):
-            if item is Ellipsis:
-                raise _Unsupported("getitem with Ellipsis")
-            if isinstance(item, slice):
-                if item == slice(None):
-                    continue
-                start, stop, step = item.indices(in_shape[axis])
-                axes.append(axis), begin.append(start), end.append(stop), strides.append(step)
-            elif isinstance(item, int):
-                i = item % in_shape[axis]
-                axes.append(axis), begin.append(i), end.append(i + 1), strides.append(1)
-                squeeze.append(axis)
-            else:
-                raise _Unsupported(f"getitem with index {item!r}")
-        y = x
-        if axes:
-            y = self.bb.emit(self.R.strided_slice(x, axes, begin, end, strides))
-        if squeeze:
-            y = self.R.reshape(y, self.out_shape(node))
-        return y
-
-    def radial(self, node, module):
-        """Hardball: x * r / max(|x|, r); Softball: x * rsqrt(1 + |x|^2 / r^2); |x| over dim 1."""
-        from ..models.activations import Hardball, resolve_radius
-
-        x = self.env[node.args[0]]
-        dtype = self.dtype_of(node)
-        r = resolve_radius(module.radius, self.out_shape(node)[1])
-        squared = self.bb.emit(self.R.sum(self.bb.emit(self.R.multiply(x, x)), axis=[1], keepdims=True))
-        if isinstance(module, Hardball):
-            norm = self.bb.emit(self.R.sqrt(squared))
-            factor = self.bb.emit(self.R.divide(self.const(r, dtype), self.bb.emit(self.R.maximum(norm, self.const(r, dtype)))))
-        else:
-            scaled = self.bb.emit(self.R.multiply(squared, self.const(1.0 / (r * r), dtype)))
-            factor = self.bb.emit(self.R.rsqrt(self.bb.emit(self.R.add(scaled, self.const(1.0, dtype)))))
-        return self.R.multiply(x, factor)
-
-    def branch_product(self, node):
-        names = ("x", "weight_a", "bias_a", "weight_b", "bias_b", "stride", "padding_b", "dilation_b", "groups_b")
-        args = dict(zip(names, node.args))
-        args.update(node.kwargs)
-        site = {
-            "name": node.name,
-            "x": self.env[args["x"]],
-            "x_shape": ir.shape(args["x"]),
-            "weight_a": self.constant_tensor(args["weight_a"]),
-            "bias_a": self.constant_tensor(args.get("bias_a")),
-            "weight_b": self.constant_tensor(args["weight_b"]),
-            "bias_b": self.constant_tensor(args.get("bias_b")),
-            "stride": _pair(args["stride"]),
-            "padding_b": _pair(args["padding_b"]),
-            "dilation_b": _pair(args["dilation_b"]),
-            "groups_b": int(args["groups_b"]),
-            "out_shape": self.out_shape(node),
-            "dtype": self.dtype_of(node),
-        }
-        if site["weight_a"] is None or site["weight_b"] is None:
-            raise _Unsupported("branch_product with non-constant weights")
-        self.fused_sites.append(site)
-        return self.kernel_lowering(self, site)
-
-    # ---- driver
-    def convert(self):
-        from tvm import relax
-
-        unsupported: list[str] = []
-        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
-        params = []
-        for node, example in zip(placeholders, self.example_inputs):
-            dtype = str(example.dtype).replace("torch.", "")
-            params.append(relax.Var(node.name, relax.TensorType(tuple(example.shape), dtype)))
-        self.input_meta = [{"name": n.name, "shape": [int(s) for s in t.shape],
-                            "dtype": str(t.dtype).replace("torch.", "")} for n, t in zip(placeholders, self.example_inputs)]
-        outputs = None
-        with self.bb.function("main", params):
-            with self.bb.dataflow():
-                for node, var in zip(placeholders, params):
-                    self.env[node] = var
-                for node in self.gm.graph.nodes:
-                    if node.op == "placeholder":
-                        continue
-                    if node.op == "output":
-                        outputs = node.args[0]
-                        continue
-                    try:
-                        expr = self.convert_node(node)
-                    except _Unsupported as err:
-                        unsupported.append(f"{node.name}: {err} ({_describe(node)})")
-                        continue
-                    except KeyError as err:  # an input of this node was unsupported already
-                        if isinstance(err.args[0], fx.Node) and any(err.args[0].name in u for u in unsupported):
-                            continue
-                        raise
-                    if expr is None:
-                        continue
-                    self.env[node] = expr if node.op == "get_attr" else self.bb.emit(expr, name_hint=_var_name(node.name))
-                if unsupported:
-                    raise UnsupportedOpsError(
-                        "TVM emitter", unsupported,
-                        "What to do: mark the module a leaf and replace it with supported ops, run passes that "
-                        "remove these ops, or use the ONNX emitter (qlfx.emit.onnx).",
-                    )
-                flat = list(outputs) if isinstance(outputs, (tuple, list)) else [outputs]
-                if not all(isinstance(o, fx.Node) for o in flat):
-                    raise UnsupportedOpsError("TVM emitter", ["output: non-tensor output values"],
-                                              "Return tensors (or a tuple of tensors) from forward.")
-                self.num_outputs = len(flat)
-                self.output_meta = [{"shape": list(self.out_shape(o)), "dtype": self.dtype_of(o)} for o in flat]
-                result = relax.Tuple([self.env[o] for o in flat]) if isinstance(outputs, (tuple, list)) else self.env[flat[0]]
-                gv = self.bb.emit_output(result)
-            self.bb.emit_func_output(gv)
-        return self.bb.get()
-
-    def convert_node(self, node: fx.Node):
-        if node.op == "get_attr":
-            t = ir.get_tensor(self.gm, node)
-            if not isinstance(t, torch.Tensor):
-                raise _Unsupported("get_attr of a non-tensor")
-            a = t.detach().cpu().contiguous().numpy()
-            return self.relax.const(a, str(a.dtype))
-        if node.op == "call_module":
-            from ..models.activations import Hardball, Softball
-
-            module = self.gm.get_submodule(node.target)
-            if isinstance(module, (Hardball, Softball)):
-                return self.radial(node, module)
-            raise _Unsupported(f"opaque module {type(module).__name__}")
-        if node.op == "call_function":
-            if str(node.target) == BRANCH_PRODUCT_NAME:
-                return self.branch_product(node)
-            handler = self.handlers.get(node.target)
-            if handler is None:
-                raise _Unsupported(f"function {_target_name(node.target)}")
-        elif node.op == "call_method":
-            handler = self.methods.get(node.target)
-            if handler is None:
-                raise _Unsupported(f"method Tensor.{node.target}")
-        else:
-            raise _Unsupported(f"node kind {node.op}")
-        args = [self.env[a] if isinstance(a, fx.Node) else a for a in node.args]
-        kwargs = {k: (self.env[v] if isinstance(v, fx.Node) else v) for k, v in node.kwargs.items()}
-        try:
-            return handler(node, *args, **kwargs)
-        except TypeError as err:  # arguments this converter does not know (a newer torch signature, say)
-            raise _Unsupported(f"{_target_name(node.target)} with these arguments ({err})") from err
-
-
-class _Unsupported(Exception):
-    pass
-
-
-def _pair(v) -> tuple[int, int]:
-    if isinstance(v, (tuple, list)):
-        return (int(v[0]), int(v[0])) if len(v) == 1 else (int(v[0]), int(v[1]))
-    return (int(v), int(v))
-
-
-def _target_name(target) -> str:
-    mod = getattr(target, "__module__", None) or ""
-    return f"{mod}.{getattr(target, '__name__', str(target))}".lstrip(".")
-
-
-def _describe(node: fx.Node) -> str:
-    origin = node.meta.get("qlfx_module") or (node.target if node.op == "call_module" else None)
-    return f"{node.op} {_target_name(node.target) if node.op == 'call_function' else node.target}" + (
-        f", from module '{origin}'" if origin else "")
-
-
-def _var_name(name: str) -> str:
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "v"
-
-
-# ------------------------------------------------------------------------- branch product lowering
-def lower_branch_product_relax(conv: _Converter, site: dict):
-    """Fallback: conv1x1(x, Wa) + ba times conv(x, Wb, stride, padding_b, dilation_b, groups_b) + bb, as
-    plain Relax ops (what the graph computed before fusion; no dedicated kernel)."""
-    R = conv.R
-    x = site["x"]
-
-    def branch(weight, bias, padding, dilation, groups):
-        y = conv.bb.emit(R.nn.conv2d(x, conv.relax.const(weight), strides=site["stride"], padding=padding,
-                                     dilation=dilation, groups=groups))
-        if bias is not None:
-            y = conv.bb.emit(R.add(y, conv.relax.const(bias.reshape(1, -1, 1, 1))))
-        return y
-
-    a = branch(site["weight_a"], site["bias_a"], (0, 0), (1, 1), 1)
-    b = branch(site["weight_b"], site["bias_b"], site["padding_b"], site["dilation_b"], site["groups_b"])
-    return R.multiply(a, b)
-
-
+# ------------------------------------------------------------------------------- qlfx's ops in Relax
 @dataclass
 class KernelRecord:
-    """What happened to one fused-op site: which kernel, how it was tuned."""
+    """What happened to one branch_product site: which kernel, how it was tuned."""
 
     node: str
-    kind: str  # "pointwise" / "depthwise"
+    kind: str  # "pointwise" / "depthwise" / "other"
     kernel: str  # name of the PrimFunc in the module, or "relax-fallback"
     trials_run: int = 0
     best_us: float | None = None
@@ -540,127 +104,213 @@ class KernelRecord:
     note: str = ""
 
 
-class _KernelLowering:
-    """Lowers fused sites through qlfx.kernels (tuning each distinct shape once), or the Relax fallback."""
+def _radial(node: fx.Node, importer, hard: bool):
+    """hardball: x * r / max(|x|, r); softball: x * rsqrt(1 + |x|^2 / r^2); |x| the norm over dim 1."""
+    from tvm import relax
 
-    def __init__(self, target, trials: int, database_dir: Path | None, progress: bool, use_kernels: bool):
+    R, emit = relax.op, importer.block_builder.emit
+    x = importer.env[node.args[0]]
+    radius = ir.op_args(node)["radius"]
+    r = radius_of(ir.val(node.args[0]), radius)
+    dtype = x.ty.dtype
+    squared = emit(R.sum(emit(R.multiply(x, x)), axis=[1], keepdims=True))
+    if hard:
+        norm = emit(R.sqrt(squared))
+        factor = emit(R.divide(relax.const(r, dtype), emit(R.maximum(norm, relax.const(r, dtype)))))
+    else:
+        scaled = emit(R.multiply(squared, relax.const(1.0 / (r * r), dtype)))
+        factor = emit(R.rsqrt(emit(R.add(scaled, relax.const(1.0, dtype)))))
+    return emit(R.multiply(x, factor))
+
+
+def _relax_branch_product(node: fx.Node, importer):
+    """conv1x1(x, Wa) + ba times conv(x, Wb, stride, padding_b, dilation_b, groups_b) + bb in Relax ops
+    (what the graph computed before fusion; no dedicated kernel)."""
+    from tvm import relax
+
+    R, emit, env = relax.op, importer.block_builder.emit, importer.env
+    a = ir.op_args(node)
+    x = env[a["x"]]
+
+    def branch(weight, bias, padding, dilation, groups):
+        y = emit(R.nn.conv2d(x, env[weight], strides=a["stride"], padding=padding, dilation=dilation,
+                             groups=groups))
+        if bias is not None:
+            y = emit(R.add(y, emit(R.reshape(env[bias], (1, -1, 1, 1)))))
+        return y
+
+    return emit(R.multiply(branch(a["weight_a"], a["bias_a"], (0, 0), (1, 1), 1),
+                           branch(a["weight_b"], a["bias_b"], a["padding_b"], a["dilation_b"], a["groups_b"])))
+
+
+class _Lowering:
+    """The ``custom_convert_map`` for qlfx's ops, and what happened at each branch_product site:
+    kernels of qlfx.kernels (each distinct shape scheduled and tuned once) or the Relax fallback."""
+
+    def __init__(self, gm: fx.GraphModule, ep: torch.export.ExportedProgram, target, trials: int,
+                 database_dir: Path, progress: bool, use_kernels: bool, tuning_batch: int):
+        self.gm = gm
         self.target = target
         self.trials = int(trials)
         self.database_dir = database_dir
         self.progress = progress
+        self.use_kernels = use_kernels
+        self.tuning_batch = tuning_batch
         self.records: list[KernelRecord] = []
-        self.notes: list[str] = []
         self.by_spec: dict[Any, tuple[Any, KernelRecord]] = {}
-        self.kernels = None
-        if use_kernels:
-            try:
-                from .. import kernels
+        self.weights = _stored_tensors(ep)
 
-                _kernel_api(kernels)  # fails unless the kernel module has what we need
-                self.kernels = kernels
-            except Exception as err:  # noqa: BLE001 -- any failure here means: no usable kernel package
-                self.notes.append(f"qlfx.kernels unavailable ({type(err).__name__}: {err}): "
-                                  "fused ops lowered to Relax ops")
+    def convert_map(self) -> dict:
+        return {BRANCH_PRODUCT: self.branch_product,
+                HARDBALL: lambda node, importer: _radial(node, importer, hard=True),
+                SOFTBALL: lambda node, importer: _radial(node, importer, hard=False)}
 
-    def __call__(self, conv: _Converter, site: dict):
-        kind = "pointwise" if site["weight_b"].shape[2:] == (1, 1) and site["groups_b"] == 1 else "depthwise"
-        if self.kernels is None:
-            self.records.append(KernelRecord(site["name"], kind, "relax-fallback"))
-            return lower_branch_product_relax(conv, site)
-        return _lower_with_kernel(self, conv, site, kind)
+    def branch_product(self, node: fx.Node, importer):
+        a = ir.op_args(node)
+        name = emit.origin(self.gm, node).name
+        kind = branch_product_kind(ir.shape(a["weight_b"]), a["groups_b"], ir.channels(a["x"])) or "other"
+        spec, why_not = self._spec(node, kind)
+        if spec is None:
+            self.records.append(KernelRecord(name, kind, "relax-fallback", note=why_not))
+            return _relax_branch_product(node, importer)
+        gvar, record = self._kernel(importer, spec)
+        if record.node:  # a shape seen before in this graph: the same kernel, nothing tuned for this site
+            record = KernelRecord(name, kind, record.kernel, 0, record.best_us, record.from_database,
+                                  f"the kernel of {record.node}")
+        record.node = name
+        self.records.append(record)
+        from tvm import relax
 
+        from ..kernels import pack_weights
 
-def _kernel_api(kernels_pkg):
-    """(BranchProductSpec, schedule(spec, target) -> PrimFunc, pack_weights, tune or None) from qlfx.kernels."""
-    mod = kernels_pkg
-    if not hasattr(mod, "BranchProductSpec"):
-        from ..kernels import branch_product as mod  # the package may not re-export yet
-    tune = getattr(mod, "tune_branch_product", None) or getattr(kernels_pkg, "tune_branch_product", None)
-    if tune is None:
+        packed = pack_weights(spec, *(None if a[k] is None else self.weights[a[k].name]
+                                      for k in ("weight_a", "bias_a", "weight_b", "bias_b")))
+        x = importer.env[a["x"]]
+        out_shape = [x.ty.shape[0]] + list(spec.output_shape[1:])
+        args = [x] + [relax.const(np.ascontiguousarray(p, dtype="float32")) for p in packed]
+        return importer.block_builder.emit(relax.op.call_tir(gvar, args, relax.TensorType(out_shape, "float32")))
+
+    def _spec(self, node: fx.Node, kind: str):
+        """The kernel's BranchProductSpec for a site (batch None when symbolic), or (None, why not)."""
+        if not self.use_kernels:
+            return None, "use_kernels=False"
+        if kind == "other":
+            return None, "a b-branch no qlfx kernel covers (neither pointwise nor depthwise)"
+        from ..kernels import BranchProductSpec
+
+        a = ir.op_args(node)
+        if any(a[k] is not None and a[k].name not in self.weights for k in ("weight_a", "bias_a", "weight_b", "bias_b")):
+            return None, "weights computed in the graph (the kernel takes stored weights, packed once)"
+        if ir.dtype(node) != torch.float32:
+            return None, f"dtype {ir.dtype(node)} (the kernel is fp32)"
+        n, cin, h, w = ir.shape(a["x"])
+        wb = ir.shape(a["weight_b"])
+        (sh, sw), (ph, pw), (dh, dw) = ir.pair(a["stride"]), ir.pair(a["padding_b"]), ir.pair(a["dilation_b"])
+        if sh != sw or ph != pw or dh != dw or wb[2] != wb[3]:
+            return None, "non-square stride/padding/dilation/kernel"
         try:
-            from ..kernels.tuning import tune_branch_product as tune
-        except ImportError:
-            tune = None
-    return mod.BranchProductSpec, mod.schedule_branch_product, mod.pack_weights, tune
+            return BranchProductSpec(batch=n if isinstance(n, int) else None, in_channels=cin, height=h, width=w,
+                                     out_channels=wb[0], kind=kind, stride=sh, kernel_size_b=wb[2], padding_b=ph,
+                                     dilation_b=dh, groups_b=a["groups_b"], has_bias_a=a["bias_a"] is not None,
+                                     has_bias_b=a["bias_b"] is not None), ""
+        except ValueError as err:
+            return None, str(err)
 
+    def _kernel(self, importer, spec):
+        """The kernel's GlobalVar for ``spec`` (added to the module on first use) and its record."""
+        if spec in self.by_spec:
+            return self.by_spec[spec]
+        from ..kernels import schedule_branch_product, tune_branch_product
 
-def _spec_for(Spec, site: dict, kind: str):
-    """The kernel's BranchProductSpec for a fused site, or a reason why the kernel does not apply."""
-    n, cin, h, w = site["x_shape"]
-    wb = site["weight_b"]
-    (sh, sw), (ph, pw), (dh, dw) = site["stride"], site["padding_b"], site["dilation_b"]
-    if site["dtype"] != "float32":
-        return None, f"dtype {site['dtype']} (the kernel is fp32)"
-    if sh != sw or ph != pw or dh != dw or wb.shape[2] != wb.shape[3]:
-        return None, "non-square stride/padding/dilation/kernel"
-    try:
-        return Spec(batch=n, in_channels=cin, height=h, width=w, out_channels=wb.shape[0], kind=kind, stride=sh,
-                    kernel_size_b=wb.shape[2], padding_b=ph, dilation_b=dh, groups_b=site["groups_b"],
-                    has_bias_a=site["bias_a"] is not None, has_bias_b=site["bias_b"] is not None), ""
-    except ValueError as err:
-        return None, str(err)
+        record = KernelRecord("", spec.kind, spec.name())
+        if self.trials > 0 and self.target.kind.name == "llvm":
+            # A symbolic batch is tuned at the example's batch size: the knobs do not depend on it.
+            static = spec if spec.batch is not None else spec.with_batch(self.tuning_batch)
 
-
-def _tuned_func(tuned) -> Any:
-    for name in ("primfunc", "prim_func", "func", "scheduled", "mod"):
-        value = getattr(tuned, name, None)
-        if value is not None:
-            return value["main"] if hasattr(value, "functions") else value
-    raise TypeError(f"cannot find the scheduled PrimFunc on {type(tuned).__name__}")
-
-
-def _first_attr(obj, names, default=None):
-    for name in names:
-        value = getattr(obj, name, None)
-        if value is not None:
-            return value
-    return default
-
-
-def _lower_with_kernel(lowering: _KernelLowering, conv: _Converter, site: dict, kind: str):
-    """call_tir of the (tuned or hand-scheduled) kernel of qlfx.kernels, weights packed once here."""
-    from tvm import relax
-
-    Spec, schedule, pack_weights, tune = _kernel_api(lowering.kernels)
-    spec, why_not = _spec_for(Spec, site, kind)
-    if spec is None:
-        lowering.records.append(KernelRecord(site["name"], kind, "relax-fallback", note=why_not))
-        return lower_branch_product_relax(conv, site)
-    if spec not in lowering.by_spec:
-        record = KernelRecord(site["name"], kind, spec.name())
-        can_tune = tune is not None and lowering.trials > 0 and lowering.target.kind.name == "llvm"
-        if can_tune:
-            def report(done: int, total: int, best_gflops: float, name=spec.name()) -> None:
-                if lowering.progress:
+            def report(done: int, total: int, best_gflops: float) -> None:
+                if self.progress:
                     what = "from the database" if total == 0 else f"trials {done}/{total}"
-                    _say(f"[qlfx.tvm] kernel {name}: {what}, best {best_gflops:.1f} GFLOP/s")
+                    _say(f"[qlfx.tvm] kernel {static.name()}: {what}, best {best_gflops:.1f} GFLOP/s")
 
-            tuned = tune(spec, lowering.target, lowering.trials, str(lowering.database_dir / "branch-product"),
-                         report)
-            func = _tuned_func(tuned)
-            record.trials_run = int(_first_attr(tuned, ("trials_run", "trials_measured", "trials"), 0))
-            best = _first_attr(tuned, ("best_us",))
-            if best is None and _first_attr(tuned, ("best_seconds", "best_latency_s")) is not None:
-                best = 1e6 * float(_first_attr(tuned, ("best_seconds", "best_latency_s")))
-            record.best_us = None if best is None else float(best)
-            record.from_database = bool(_first_attr(tuned, ("from_database", "cached"), record.trials_run == 0))
+            tuned = tune_branch_product(static, self.target, self.trials, str(self.database_dir / "branch-product"),
+                                        report)
+            func = tuned.primfunc if static is spec else schedule_branch_product(spec, self.target, tuned.knobs)[0]
+            record.trials_run, record.best_us = tuned.trials_run, tuned.best_seconds * 1e6
+            record.from_database = tuned.trials_run == 0
         else:
-            func, _ = schedule(spec, lowering.target)
-            record.note = "hand schedule" + (
-                " (qlfx.kernels has no tune_branch_product)" if tune is None else
-                " (tuning a cuda kernel needs a GPU to measure on)" if lowering.trials > 0 else "")
+            func, _ = schedule_branch_product(spec, self.target)
+            record.note = "hand schedule" + (" (tuning a cuda kernel needs a GPU to measure on)"
+                                             if self.trials > 0 else "")
         # Own symbol (the kernel names itself "main", which is the Relax entry here); already scheduled,
         # so the tuner and dlight leave it alone; opaque, so FuseOps does not merge it with neighbours.
         func = func.with_attr("global_symbol", spec.name()).with_attr("tirx.is_scheduled", True)
         func = func.with_attr("op_pattern", 8)
-        gvar = conv.bb.add_func(func, spec.name())
-        lowering.by_spec[spec] = (gvar, record)
-    gvar, first = lowering.by_spec[spec]
-    lowering.records.append(KernelRecord(site["name"], kind, first.kernel, first.trials_run if first.node == site["name"] else 0,
-                                         first.best_us, first.from_database or first.node != site["name"], first.note))
-    packed = pack_weights(spec, site["weight_a"], site["bias_a"], site["weight_b"], site["bias_b"])
-    args = [site["x"]] + [relax.const(np.ascontiguousarray(a, dtype="float32")) for a in packed]
-    return conv.R.call_tir(gvar, args, relax.TensorType(tuple(spec.output_shape), "float32"))
+        self.by_spec[spec] = (importer.block_builder.add_func(func, spec.name()), record)
+        return self.by_spec[spec]
+
+
+def _stored_tensors(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
+    """Placeholder name -> tensor for the program's parameters, buffers and constants."""
+    found = {}
+    for spec in ep.graph_signature.input_specs:
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
+            value = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
+            found[spec.arg.name] = value.detach()
+    return found
+
+
+# ----------------------------------------------------------------------------------------- IR -> Relax
+def unsupported_sites(gm: fx.GraphModule, ep: torch.export.ExportedProgram, convert_map: dict) -> list[str]:
+    """One line per qlfx node whose ops (after the core ATen decompositions) TVM's importer has no
+    converter for; ``ep`` is the decomposed program."""
+    missing = [node for node in ep.graph.nodes
+               if node.op == "call_function" and node.target.__name__ not in convert_map]
+    return emit.unsupported_sites(gm, missing, "no TVM converter for")
+
+
+def _meta(value) -> dict:
+    """Shape (None for a symbolic size) and dtype of a FakeTensor, for TVMModule / the export's JSON."""
+    return {"shape": [d if isinstance(d, int) else None for d in value.shape],
+            "dtype": str(value.dtype).replace("torch.", "")}
+
+
+def to_relax(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], lowering_options: dict | None = None):
+    """The Relax IRModule of ``gm`` and its lowering (KernelRecords; ``lowering_options``: the keyword
+    arguments of ``_Lowering``, default: llvm, hand-scheduled kernels), plus the call interface."""
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    if not isinstance(gm, fx.GraphModule):
+        raise UsageError(f"build_tvm takes a torch.fx GraphModule (Compiled.graph_module), got {type(gm).__name__}")
+    example_inputs = capture.check_example_inputs(example_inputs)
+    ep = capture.to_exported_program(gm, example_inputs).run_decompositions()
+    options = {"trials": 0, "database_dir": _default_database(), "progress": False, "use_kernels": True,
+               "tuning_batch": int(example_inputs[0].shape[0]), **(lowering_options or {})}
+    options["target"] = options.get("target") or make_target("llvm")
+    lowering = _Lowering(gm, ep, **options)
+    convert_map = lowering.convert_map()
+    sites = unsupported_sites(gm, ep, {**ExportedProgramImporter().convert_map, **convert_map})
+    if sites:
+        raise UnsupportedOpsError(
+            "TVM emitter", sites,
+            "Nothing was built. Express these parts of the model with ops TVM's PyTorch frontend converts, "
+            "run passes that remove them, or use the ONNX emitter (qlfx.emit.onnx).")
+    outputs = [n.meta["val"] for n in ep.graph.output_node().args[0]][-len(ep.graph_signature.user_outputs):]
+    single = ep.call_spec.out_spec.is_leaf()
+    try:
+        mod = from_exported_program(ep, custom_convert_map=convert_map, run_ep_decomposition=False,
+                                    unwrap_unit_return_tuple=single)
+    except Exception as err:  # noqa: BLE001 -- every op has a converter: TVM's importer itself failed
+        raise QlfxError(f"TVM's from_exported_program failed on a graph whose ops it converts: "
+                        f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+    user_inputs = [n for n in ep.graph.nodes if n.op == "placeholder" and n.name in ep.graph_signature.user_inputs]
+    interface = {"inputs": [{"name": n.name, **_meta(n.meta["val"])} for n in user_inputs],
+                 "outputs": [_meta(v) for v in outputs], "multi_output": not single}
+    return mod, lowering, interface
+
+
+def _default_database() -> Path:
+    return Path.home() / ".cache" / "qlfx" / "tvm-tuning"
 
 
 # ---------------------------------------------------------------------------- other-op tuning
@@ -766,7 +416,8 @@ def _say(msg: str) -> None:
 # ------------------------------------------------------------------------------------- the module
 class TVMModule:
     """A compiled graph. ``module(*inputs)``: numpy in -> numpy out, torch in -> torch out (CPU tensors);
-    a single graph output is returned bare, several as a tuple.
+    a single graph output is returned bare, several as a tuple. ``inputs``/``outputs`` shapes hold None
+    for a symbolic size (any batch size, for a graph captured with ``dynamic_batch``).
 
     Attributes: ``target`` (tvm Target), ``executable`` (relax VM executable), ``kernels`` (a
     KernelRecord per fused site), ``tuning`` (TuningSummary of the other ops or None), ``notes``,
@@ -845,14 +496,6 @@ class TVMModule:
 
 
 # ----------------------------------------------------------------------------------------- build
-def to_relax(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], kernel_lowering: Callable | None = None):
-    """The Relax IRModule of ``gm`` (fused ops through ``kernel_lowering``; Relax ops by default) and
-    the converter (input/output metadata)."""
-    example_inputs = ir.check_example_inputs(example_inputs)
-    conv = _Converter(gm, example_inputs, kernel_lowering or (lambda c, s: lower_branch_product_relax(c, s)))
-    return conv.convert(), conv
-
-
 def build_tvm(
     gm: fx.GraphModule,
     example_inputs: Sequence[torch.Tensor],
@@ -864,22 +507,25 @@ def build_tvm(
     other_ops_trials: int | None = None,
     use_kernels: bool = True,
 ) -> TVMModule:
-    """Compile the canonical graph ``gm`` for ``target`` ("llvm", "cuda", a dict or a tvm Target).
+    """Compile the qlfx graph ``gm`` for ``target`` ("llvm", "cuda", a dict or a tvm Target).
 
     ``tune_trials``: MetaSchedule trials per fused-kernel shape (0: the hand schedule).
     ``tuning_db``: folder of the persistent JSON tuning database (default ~/.cache/qlfx/tvm-tuning);
     shapes it already holds are not tuned again. ``tune_other_ops``: also tune the remaining TIR tasks
-    (``other_ops_trials`` per task, default ``tune_trials``) with the same database.
+    (``other_ops_trials`` per task, default ``tune_trials``) with the same database (static shapes
+    only: skipped, with a note, for a graph with a symbolic batch). ``use_kernels=False``: no qlfx
+    kernels, branch products as Relax ops.
     """
     import tvm
     from tvm import relax
 
     start = time.perf_counter()
     tgt = make_target(target)
-    database_dir = Path(tuning_db) if tuning_db is not None else Path.home() / ".cache" / "qlfx" / "tvm-tuning"
-    lowering = _KernelLowering(tgt, tune_trials, database_dir, progress, use_kernels)
-    mod, conv = to_relax(gm, example_inputs, lowering)
+    database_dir = Path(tuning_db) if tuning_db is not None else _default_database()
+    mod, lowering, interface = to_relax(gm, example_inputs, dict(
+        target=tgt, trials=tune_trials, database_dir=database_dir, progress=progress, use_kernels=use_kernels))
     relax_module = mod
+    notes = []
     is_gpu = tgt.kind.name == "cuda"
     pipeline = _backend_pipeline(tgt)
     with tgt:
@@ -888,9 +534,12 @@ def build_tvm(
         mod = tvm.transform.Sequential(pipeline.library_dispatch_passes(tgt) + _legalize_passes_without_dlight())(mod)
     tuning = None
     other_trials = tune_trials if other_ops_trials is None else other_ops_trials
-    if tune_other_ops and other_trials > 0:
+    dynamic = any(None in i["shape"] for i in interface["inputs"])
+    if tune_other_ops and dynamic:
+        notes.append("tune_other_ops skipped: MetaSchedule tunes static shapes, this graph has a symbolic batch")
+    elif tune_other_ops and other_trials > 0:
         tuning = tune_module_tasks(mod, tgt, other_trials, database_dir / "other-ops", progress)
-    if tune_other_ops:
+    if tune_other_ops and not dynamic:
         with tgt, _database(database_dir / "other-ops"):
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     with tgt:
@@ -901,9 +550,8 @@ def build_tvm(
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
         mod = tvm.transform.Sequential(pipeline.dataflow_lower_passes(tgt) + pipeline.finalize_passes(tgt))(mod)
     executable = tvm.compile(mod, target=tgt, relax_pipeline=None)
-    return TVMModule(executable, tgt, conv.input_meta, conv.output_meta,
-                     isinstance(_output_arg(gm), (tuple, list)), lowering.records, tuning, lowering.notes,
-                     relax_module, time.perf_counter() - start)
+    return TVMModule(executable, tgt, interface["inputs"], interface["outputs"], interface["multi_output"],
+                     lowering.records, tuning, notes, relax_module, time.perf_counter() - start)
 
 
 def _backend_pipeline(target):
@@ -921,7 +569,3 @@ def _legalize_passes_without_dlight():
 
     return [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), relax.transform.FoldConstant(),
             relax.transform.FuseOps(), relax.transform.FuseTIR()]
-
-
-def _output_arg(gm: fx.GraphModule):
-    return next(n for n in gm.graph.nodes if n.op == "output").args[0]

@@ -5,9 +5,12 @@ This module must not import torch (nor any qlfx module that does): it is what a 
 An export is two files side by side::
 
     model.so     the compiled Relax VM executable (kernels + VM bytecode + baked-in weights)
-    model.json   metadata: {"format": "qlfx-tvm", "version": 1, "entry": "main",
+    model.json   metadata: {"format": "qlfx-tvm", "version": 2, "entry": "main",
                             "inputs": [{"name", "shape", "dtype"}...], "num_outputs": n,
                             "outputs": [{"shape", "dtype"}...], "target": "...", "device": "cpu"|"cuda"}
+
+A ``null`` in a shape is a size the module takes at any value (the batch of a module built from a graph
+captured with ``dynamic_batch``; version 2). Version 1 exports have static shapes only.
 
 Usage::
 
@@ -25,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 FORMAT = "qlfx-tvm"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 def metadata_path(path: str | os.PathLike) -> Path:
@@ -75,10 +78,14 @@ class VMRunner:
         checked = []
         for spec, a in zip(self.inputs, arrays):
             a = np.ascontiguousarray(a)
-            if tuple(a.shape) != tuple(spec["shape"]):
+            want = spec["shape"]
+            if a.ndim != len(want) or any(w is not None and w != g for w, g in zip(want, a.shape)):
+                shown = "(" + ", ".join("any" if w is None else str(w) for w in want) + ")"
                 raise ValueError(
-                    f"input '{spec['name']}' must have shape {tuple(spec['shape'])} (the module was built for "
-                    f"static shapes); got {tuple(a.shape)}. Rebuild with example inputs of the new shape."
+                    f"input '{spec['name']}' must have shape {shown}; got {tuple(a.shape)}. The module was built "
+                    f"for these shapes: rebuild with example inputs of the new shape"
+                    + (" (or capture with dynamic_batch=True for any batch size)." if want and want[0] is not None
+                       else ".")
                 )
             if str(a.dtype) != spec["dtype"]:
                 a = a.astype(spec["dtype"])

@@ -78,13 +78,15 @@ Kind = Literal["pointwise", "depthwise"]
 # ----------------------------------------------------------------------------------------- spec
 @dataclass(frozen=True)
 class BranchProductSpec:
-    """Static shape and options of one branch-product op.
+    """Shape and options of one branch-product op; all static but ``batch``, which may be None: any
+    batch size (a symbolic ``n`` in the PrimFunc, for graphs captured with ``dynamic_batch``; the
+    schedules never split the batch, so a schedule tuned at one batch size serves every batch size).
 
     ``kernel_size_b``/``padding_b``/``groups_b`` default from ``kind``: pointwise 1/0/1,
     depthwise 3/dilation_b*(k-1)//2/in_channels.
     """
 
-    batch: int
+    batch: int | None
     in_channels: int
     height: int
     width: int
@@ -109,7 +111,7 @@ class BranchProductSpec:
         if self.groups_b is None:
             object.__setattr__(self, "groups_b", 1 if self.kind == "pointwise" else self.in_channels)
         for name in ("batch", "in_channels", "height", "width", "out_channels", "stride", "dilation_b"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"BranchProductSpec.{name} must be >= 1, got {getattr(self, name)}")
         if self.kind == "pointwise":
             if (self.kernel_size_b, self.padding_b, self.groups_b) != (1, 0, 1):
@@ -154,12 +156,15 @@ class BranchProductSpec:
         return self.out_height * self.out_width
 
     @property
-    def output_shape(self) -> tuple[int, int, int, int]:
+    def output_shape(self) -> tuple:
         return (self.batch, self.out_channels, self.out_height, self.out_width)
 
     @property
-    def input_shape(self) -> tuple[int, int, int, int]:
+    def input_shape(self) -> tuple:
         return (self.batch, self.in_channels, self.height, self.width)
+
+    def with_batch(self, batch: int | None) -> "BranchProductSpec":
+        return dataclasses.replace(self, batch=batch)
 
     @property
     def depth_multiplier(self) -> int:
@@ -193,8 +198,9 @@ class BranchProductSpec:
 
     @property
     def flops(self) -> int:
-        """2 * (MACs of conv a + MACs of conv b) + one multiply per output element (biases not counted)."""
-        outputs = self.batch * self.out_channels * self.out_pixels
+        """2 * (MACs of conv a + MACs of conv b) + one multiply per output element (biases not counted),
+        per image when the batch is symbolic."""
+        outputs = (self.batch or 1) * self.out_channels * self.out_pixels
         macs_a = outputs * self.in_channels
         macs_b = outputs * (self.in_channels // self.groups_b) * self.kernel_size_b**2
         return 2 * (macs_a + macs_b) + outputs
@@ -202,7 +208,7 @@ class BranchProductSpec:
     def name(self) -> str:
         bias = ("a" if self.has_bias_a else "") + ("b" if self.has_bias_b else "")
         return (
-            f"branch_product_{self.kind}_n{self.batch}_c{self.in_channels}_{self.height}x{self.width}"
+            f"branch_product_{self.kind}_n{self.batch or 'any'}_c{self.in_channels}_{self.height}x{self.width}"
             f"_m{self.out_channels}_s{self.stride}_k{self.kernel_size_b}_d{self.dilation_b}_bias{bias or 'none'}"
         )
 
@@ -302,11 +308,13 @@ def branch_product_primfunc(spec: BranchProductSpec) -> tirx.PrimFunc:
     """
     vb = WEIGHT_BLOCK
     n_, cin, h, w = spec.input_shape
+    if n_ is None:  # any batch size: bound from x's shape when called
+        n_ = tirx.Var("n", "int32")
     m_out, mp = spec.out_channels, spec.padded_out_channels
     ho, wo, s = spec.out_height, spec.out_width, spec.stride
     pixels = spec.out_pixels
 
-    x = te.placeholder(spec.input_shape, "float32", name="x")
+    x = te.placeholder((n_, cin, h, w), "float32", name="x")
     weight_a = te.placeholder(spec.packed_weight_a_shape, "float32", name="weight_a")
     weight_b = te.placeholder(spec.packed_weight_b_shape, "float32", name="weight_b")
     bias_a = te.placeholder((m_out,), "float32", name="bias_a") if spec.has_bias_a else None
@@ -364,7 +372,7 @@ def branch_product_primfunc(spec: BranchProductSpec) -> tirx.PrimFunc:
             b_val = b_val + bias_b[m]
         return a_val * b_val
 
-    out = te.compute(spec.output_shape, epilogue, name="out")
+    out = te.compute((n_, m_out, ho, wo), epilogue, name="out")
     params = [x, weight_a] + ([bias_a] if bias_a is not None else []) + [weight_b]
     params += ([bias_b] if bias_b is not None else []) + [out]
     func = te.create_prim_func(params)
@@ -641,10 +649,13 @@ class BranchProductKernel:
             for a in pack_weights(self.spec, weight_a, bias_a, weight_b, bias_b)
         ]
 
+    def output_shape(self, x: Any) -> tuple[int, int, int, int]:
+        return (int(x.shape[0]),) + tuple(self.spec.output_shape[1:])
+
     def run_packed(self, x: Any, *packed: Any, out: Any = None) -> Any:
         x_t = x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(_to_numpy(x), self.device)
         if out is None:
-            out = tvm.runtime.tensor(np.empty(self.spec.output_shape, "float32"), self.device)
+            out = tvm.runtime.tensor(np.empty(self.output_shape(x_t), "float32"), self.device)
         self._function(x_t, *packed, out)
         return out
 
@@ -654,8 +665,8 @@ class BranchProductKernel:
 
     def time(self, x, packed: Sequence[Any], number: int = 10, repeat: int = 20) -> list[float]:
         """Seconds per run, one entry per repeat (TVM's time_evaluator)."""
-        out = tvm.runtime.tensor(np.empty(self.spec.output_shape, "float32"), self.device)
         x_t = tvm.runtime.tensor(_to_numpy(x), self.device)
+        out = tvm.runtime.tensor(np.empty(self.output_shape(x_t), "float32"), self.device)
         evaluator = self.module.time_evaluator("main", self.device, number=number, repeat=repeat)
         return list(evaluator(x_t, *packed, out).results)
 

@@ -424,6 +424,9 @@ def tune_branch_product(
     target = _as_target(target)
     if trials < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
+    if spec.batch is None:
+        raise ValueError("tune a static batch size, e.g. spec.with_batch(1): candidates are timed on real "
+                         "inputs; the tuned knobs then schedule the any-batch kernel as well")
     mod = _workload_module(spec)
     db = open_database(database_path)
     found = _best_record(db, mod, target)

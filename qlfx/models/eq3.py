@@ -55,7 +55,7 @@ class Eq3Block(nn.Module):
         if expansion < 1:
             raise ValueError(f"Eq3Block: expansion must be >= 1, got {expansion}")
         hidden = expansion * inplanes
-        self.inplanes = inplanes  # static ints: constants in a torch.fx trace
+        self.inplanes = inplanes
         self.outplanes = outplanes
         self.expansion = expansion
         self.stride = stride

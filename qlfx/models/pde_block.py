@@ -68,8 +68,7 @@ class PDEBlock(nn.Module):
         self.inplanes = inplanes
         self.outplanes = outplanes
         self.stride = stride
-        # Static int so the product slices are constants in a torch.fx trace.
-        self.width = width
+        self.width = width  # W: the product multiplies channels [0, W) by [W, 2W)
 
         self.conv1 = ConvBN(nn.Conv2d(inplanes, 2 * width, 1, bias=False), nn.BatchNorm2d(2 * width))
         self.conv2 = nn.Conv2d(width, 2 * width, 3, stride=stride, padding=1, groups=width, bias=False)

@@ -4,7 +4,7 @@ Each space gets an element M (a matrix, or a :class:`~qlfx.symmetry.groups.Monom
 made of segments gets the block-diagonal of ``kron(M_space, I_mult)`` over its segments. With x' = M_x x
 on every value, the rewrites are:
 
-- linear op ``y = W x + c`` (conv groups=1, linear): ``W' = M_y W M_x^-1`` (on the two channel dims of
+- linear op ``y = W x + c`` (``aten.conv2d`` groups=1, ``aten.linear``): ``W' = M_y W M_x^-1`` (on the two channel dims of
   the kernel, every spatial tap alike), ``c' = M_y c``.
 - depthwise / grouped conv with monomial elements ``(M x)_i = d_i x[perm(i)]``:
   ``W'[o, l] = d_y[o] W[perm_y(o), l0] / d_x[i']`` where i' is the l-th input of o's group and
@@ -19,11 +19,13 @@ on every value, the rewrites are:
   multiplying by one: ``s' = D_y D_x^-1 P s``.
 - product ``z = a * b``: nothing to rewrite; the elements must satisfy ``P_a = P_b = P_z`` and
   ``D_z = D_a D_b`` (checked).
-- everything else (activations, pools, slices, cat): nothing to rewrite; they commute with the elements
-  of their space's group.
+- everything else (activations, pools, slices, cat, scaling by an invariant such as a hand-written
+  hardball's ``r / max(|x|, r)``): nothing to rewrite; they commute with the elements of their space's
+  group.
 
 All arithmetic is float64; results are cast back to each weight's dtype. Rewritten weights become new
-constants (a constant read by several nodes is never changed under the others' feet).
+constants (a constant read by several nodes is never changed under the others' feet); the rewritten
+node's arguments are set by schema name (:func:`qlfx.ir.set_op_args`).
 """
 from __future__ import annotations
 
@@ -163,27 +165,20 @@ def apply_element(gm: fx.GraphModule, space, element, report: SymmetryReport | N
 
 # --------------------------------------------------------------------------------------- per op
 def _rewrite_linear(gm, node, el) -> bool:
-    conv = ir.ConvCall.of(node)
-    if conv is not None:
-        x, w_node, b_node, groups = conv.input, conv.weight, conv.bias, conv.groups
-    else:
-        args = list(node.args) + [None] * (3 - len(node.args))
-        x, w_node, b_node, groups = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2]), 1
-    mx, my = el(x), el(node)
+    view = ir.ConvCall.of(node) or ir.LinearCall.of(node)
+    groups = view.groups if isinstance(view, ir.ConvCall) else 1
+    mx, my = el(view.input), el(node)
     if _is_identity(mx) and _is_identity(my):
         return False
-    mx = mx if mx is not None else Monomial.identity(ir.shape(x)[1])
+    mx = mx if mx is not None else Monomial.identity(ir.shape(view.input)[1])
     my = my if my is not None else Monomial.identity(ir.shape(node)[1])
-    w = ir.get_tensor(gm, w_node)
+    w = ir.get_tensor(gm, view.weight)
     new_w = _new_const(gm, node, _transform_linear_weight(w, mx, my, groups, node.name), w, f"{node.name}_weight_sym")
     new_b = None
-    if b_node is not None:
-        b = ir.get_tensor(gm, b_node)
+    if view.bias is not None:
+        b = ir.get_tensor(gm, view.bias)
         new_b = _new_const(gm, node, _apply_left(my, b.double(), 0), b, f"{node.name}_bias_sym")
-    if conv is not None:
-        conv.set_args(weight=new_w, bias=new_b)
-    else:
-        node.args, node.kwargs = (x, new_w, new_b), {}
+    view.set_args(weight=new_w, bias=new_b)
     return True
 
 
@@ -215,9 +210,7 @@ def _rewrite_depthwise(gm, node, el, shared: bool, check: bool) -> bool:
 
 
 def _rewrite_batch_norm(gm, node, el) -> bool:
-    from qlfx.passes.fold_bn import BatchNormCall
-
-    bn = BatchNormCall.of(node)
+    bn = ir.BatchNormCall.of(node)
     mx, my = el(bn.input), el(node)
     if _is_identity(mx) and _is_identity(my):
         return False
@@ -241,11 +234,7 @@ def _rewrite_batch_norm(gm, node, el) -> bool:
     if bn.bias is not None:
         b = gm_t(bn.bias)
         new["bias"] = _new_const(gm, node, dy * b.double()[perm], b, f"{node.name}_beta_sym")
-    args = dict(zip(BatchNormCall._ORDER, node.args))
-    args.update(node.kwargs)
-    args.update(new)
-    node.args = tuple(args.get(k) for k in BatchNormCall._ORDER if k in args)
-    node.kwargs = {}
+    ir.set_op_args(node, **new)
     return True
 
 
@@ -259,8 +248,8 @@ def _rewrite_add_constant(gm, node, el) -> bool:
         return False
     args = list(node.args)
     changed = False
-    for i, a in enumerate(args):
-        if isinstance(a, fx.Node) and a.op == "get_attr":
+    for i, a in enumerate(args[:2]):
+        if ir.is_constant(a):
             t = ir.get_tensor(gm, a)
             axis = _const_axis(t, node)
             args[i] = _new_const(gm, node, _apply_left(my, t.double(), axis), t, f"{node.name}_const_sym")
@@ -270,8 +259,8 @@ def _rewrite_add_constant(gm, node, el) -> bool:
 
 
 def _rewrite_mul_constant(gm, node, el) -> bool:
-    a, b = node.args
-    x, c = (a, b) if not (isinstance(a, fx.Node) and a.op == "get_attr") else (b, a)
+    a, b = node.args[:2]
+    x, c = (a, b) if not ir.is_constant(a) else (b, a)
     mx, my = el(x), el(node)
     if _is_identity(mx) and _is_identity(my):
         return False
@@ -283,23 +272,21 @@ def _rewrite_mul_constant(gm, node, el) -> bool:
     axis = _const_axis(t, node)
     new = _apply_left(Monomial(mx.perm, my.scale / mx.scale), t.double(), axis)
     const = _new_const(gm, node, new, t, f"{node.name}_const_sym")
-    node.args = (x, const) if x is a else (const, x)
+    ir.set_op_args(node, **({"other": const} if x is a else {"self": const}))
     return True
 
 
 def _rewrite_branch_product(gm, node, el, report, check: bool) -> bool:
     """qlfx::branch_product(x, w_a, c_a, w_b, c_b, ...) = conv_a(x) * conv_b(x): each branch is rewritten
     like the conv it stands for, with its virtual value ``<node>.a`` / ``<node>.b`` as output."""
-    from .spaces import BRANCH_PRODUCT_ARGS
-
-    args = dict(zip(BRANCH_PRODUCT_ARGS, node.args))
-    args.update(node.kwargs)
+    args = ir.op_args(node)
     x = args["x"]
     mx, ma, mb = el(x), el(f"{node.name}.a"), el(f"{node.name}.b")
     if all(_is_identity(e) for e in (mx, ma, mb)):
         return False
     cin = ir.shape(x)[1]
     mx = mx if mx is not None else Monomial.identity(cin)
+    changes = {}
     for branch, m_out in (("a", ma), ("b", mb)):
         w_node, b_node = args[f"weight_{branch}"], args[f"bias_{branch}"]
         groups = 1 if branch == "a" else int(args["groups_b"])
@@ -308,11 +295,10 @@ def _rewrite_branch_product(gm, node, el, report, check: bool) -> bool:
         keep_kernel = kind == "shared-depthwise" and element_equal(m_out, kron_identity(mx, w.shape[0] // cin))
         if not keep_kernel:
             new_w = _transform_linear_weight(w, mx, m_out, groups, f"{node.name} branch {branch}")
-            args[f"weight_{branch}"] = _new_const(gm, node, new_w, w, f"{node.name}_weight_{branch}_sym")
+            changes[f"weight_{branch}"] = _new_const(gm, node, new_w, w, f"{node.name}_weight_{branch}_sym")
         if b_node is not None:
             b = ir.get_tensor(gm, b_node)
-            args[f"bias_{branch}"] = _new_const(gm, node, _apply_left(m_out, b.double(), 0), b,
-                                                f"{node.name}_bias_{branch}_sym")
-    node.args = tuple(args[k] for k in BRANCH_PRODUCT_ARGS)
-    node.kwargs = {}
+            changes[f"bias_{branch}"] = _new_const(gm, node, _apply_left(m_out, b.double(), 0), b,
+                                                   f"{node.name}_bias_{branch}_sym")
+    ir.set_op_args(node, **changes)
     return True

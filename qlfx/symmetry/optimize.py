@@ -215,13 +215,10 @@ def _terms(gm: fx.GraphModule, report: SymmetryReport, space_ids: set[int]) -> l
         kind = report.node_kinds.get(node.name)
         if kind not in ("linear", "depthwise"):
             continue
-        conv = ir.ConvCall.of(node)
-        if conv is not None:
-            x, w_node, groups = conv.input, conv.weight, conv.groups
-        else:
-            args = list(node.args) + [None] * 3
-            x, w_node, groups = args[0], node.kwargs.get("weight", args[1]), 1
-        if not isinstance(w_node, fx.Node) or w_node.op != "get_attr":
+        view = ir.ConvCall.of(node) or ir.LinearCall.of(node)
+        x, w_node = view.input, view.weight
+        groups = view.groups if isinstance(view, ir.ConvCall) else 1
+        if not ir.is_constant(w_node):
             continue
         spaces = set(report.spaces_of(node.name)) | set(report.spaces_of(x.name) if isinstance(x, fx.Node) else ())
         if not spaces & touched:

@@ -2,19 +2,22 @@
 
 Give the channel axis (dim 1) of every tensor value a basis. A transformation assigns an invertible
 matrix to every *channel space* -- a set of channel axes that must change basis together -- and
-rewrites the weights so that every output is unchanged. What each op demands (x: input, y: output):
+rewrites the weights so that every output is unchanged. What each ATen op demands (x: input, y: output):
 
-- linear op ``y = W x + c`` (conv with groups=1, any kernel; ``F.linear``): nothing. It *decouples*
-  its input and output spaces (rewrite ``W' = P_y W P_x^-1``, ``c' = P_y c``).
-- ops commuting with every linear map of the channels (add, adding a constant, multiplying by a scalar
-  or a channel-uniform map, avg-pool, adaptive-avg-pool, interpolation, batch slicing, a depthwise conv
-  whose kernel is shared by all input channels): input(s) and output are ONE space. A shared depthwise
-  conv C -> kC maps the space to ``space (x) R^k`` (output channel c*k + r), acting as ``P (x) I_k``;
-  ``flatten(x, 1)`` of an (N, C, H, W) tensor likewise gives ``space (x) R^(HW)``. Such a channel axis
-  is a *copy* of the space with multiplicity k.
-- ReLU, leaky ReLU, max-pool: same space, positive monomial. Symmetric hardtanh, tanh: signed
-  permutation. Asymmetric clips (ReLU6) and other elementwise activations: permutation.
-  Hardball/Softball (radial): O(C).
+- linear op ``y = W x + c`` (``aten.conv2d`` with groups=1, any kernel; ``aten.linear`` on (N, C)):
+  nothing. It *decouples* its input and output spaces (rewrite ``W' = P_y W P_x^-1``, ``c' = P_y c``).
+- ops commuting with every linear map of the channels (add/sub of two values, multiplying or dividing
+  by a scalar or by anything constant along the channels, ``neg``, avg-pool, adaptive-avg-pool,
+  upsampling, sum/mean over spatial or batch dims, slices and selects along spatial/batch dims,
+  reshapes that keep dims 0 and 1, ``where`` with a channel-uniform condition, a depthwise conv whose
+  kernel is shared by all input channels): input(s) and output are ONE space. A shared depthwise conv
+  C -> kC maps the space to ``space (x) R^k`` (output channel c*k + r), acting as ``P (x) I_k``, as does
+  ``repeat_interleave(x, k, 1)``; flattening an (N, C, H, W) tensor to (N, C*H*W) gives
+  ``space (x) R^(HW)``. Such a channel axis is a *copy* of the space with multiplicity k.
+- ReLU, leaky ReLU, ``clamp(min=0)``, abs, max-pool, max over pixels: same space, positive monomial.
+  Symmetric clips (hardtanh, ``clamp(-a, a)``) and odd functions (tanh, erf, sign, ...): signed
+  permutation. Every other elementwise op (sigmoid, GELU, ReLU6, adding a scalar or a channel-uniform
+  value, ...): permutation. ``qlfx::hardball`` / ``qlfx::softball``: O(C).
 - per-channel ops with their own per-channel weights (depthwise conv with per-channel kernels, an
   unfolded eval-mode batchnorm, multiplying by a per-channel constant): input and output are
   *different* spaces whose permutations are tied (``perm_y = perm_x (x) I_k``) and whose diagonal
@@ -28,12 +31,24 @@ rewrites the weights so that every output is unchanged. What each op demands (x:
   several copies of its space) all three spaces are restricted to permutations (D = 1 everywhere is
   then consistent). When z's space allows fewer scalings than "any nonzero" (e.g. z feeds a ReLU), a's
   and b's scalings are restricted to the same kind, so the product stays in z's group.
-- channel slices (``x[:, a:b]``) and ``torch.cat`` along channels: the sliced / concatenated axis is
-  split into segments at the slice boundaries and every segment is its own space: the group of the
-  whole axis is block-diagonal, conformal with the pieces (exact, not a restriction). Cut points are
+- channel slices (``aten.slice`` on dim 1) and ``aten.cat`` along channels: the sliced / concatenated
+  axis is split into segments at the slice boundaries and every segment is its own space: the group of
+  the whole axis is block-diagonal, conformal with the pieces (exact, not a restriction). Cut points are
   propagated through every "same space" link until they agree.
-- network inputs and outputs, and every op not listed (including 1 < groups < C convs and
-  ``qlfx::branch_product``): identity on every space they touch (safe).
+- **invariants** (how radial activations are recognised, however they are written): a reduction over
+  the channel axis gives a value that does not change under a group G of the reduced value's space,
+  and demands G there: ``sum``/``mean`` of ``x*x`` / ``x**2`` / ``square(x)`` and the 2-norm
+  (``linalg_vector_norm``, ``linalg_norm``; ``x.norm(dim=1)``), ``einsum("nchw,nchw->nhw", x, x)`` -> O;
+  other p-norms -> signed permutation;
+  sum, mean, max, min of x itself -> permutation. Anything computed only from invariants and constants
+  (sqrt, +eps, clamp, division, comparisons, where, expand, ...) is invariant. A value times or divided
+  by an invariant that is constant along the channels (``x * g(|x|)``, ``x / |x|``,
+  ``F.normalize(x, dim=1)``), or ``where(invariant condition, a, b)``, stays in its space. So
+  ``torch.where(|x| > r, r * x / |x|, x)`` and ``x / sqrt(1 + |x|^2 / r^2)`` put x's space in O(C),
+  while ``x / |x[:, :k]|`` (a norm of part of the channels), a per-channel weighted sum of squares, a
+  norm over pixels or a max over channels do not give O(C).
+- network inputs and outputs, and every op not listed (including 1 < groups < C convs): identity on every
+  space they touch (safe); so is a constant or an invariant used as a channel value (e.g. concatenated).
 
 The analysis is a union-find over channel *segments* with "same space (x) R^k" links, a second
 union-find over spaces for tied permutations, and a meet over the lattice of :mod:`.groups` of all
@@ -46,6 +61,7 @@ scalings are derived) counts 0.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -53,14 +69,16 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from qlfx import ir
+from qlfx import ops as _ops  # noqa: F401  (registers qlfx's custom ops, matched below)
 
 from .groups import (Element, Group, Monomial, as_element, identity_element, is_member,
                      kron_identity, lie_dimension, meet, random_element, random_permutation, random_scaling)
 
 __all__ = ["Segment", "ChannelSpace", "ProductConstraint", "SymmetryReport", "analyze", "format_report"]
+
+aten = torch.ops.aten
 
 
 # --------------------------------------------------------------------------------------- data model
@@ -313,43 +331,130 @@ class _WeightedUnionFind:
 
 
 # -------------------------------------------------------------------------------------- recording
-_RELU = {F.relu, torch.relu, F.relu_}
-_POSITIVE = {F.leaky_relu, torch.nn.functional.elu}  # positively homogeneous (elu is not: perm below)
-_ODD = {torch.tanh, F.tanh, F.hardtanh, F.softsign, F.tanhshrink}
-_ELEMENTWISE = {torch.sigmoid, F.sigmoid, F.silu, F.gelu, F.hardswish, F.hardsigmoid, F.mish, F.softplus,
-                F.elu, F.selu, F.celu, F.relu6, torch.exp, torch.abs}
-_MAXPOOL = {F.max_pool2d, F.adaptive_max_pool2d, F.max_pool1d, torch.max_pool2d}
-_LINEAR_COMMUTING = {F.avg_pool2d, F.adaptive_avg_pool2d, torch.avg_pool1d, F.avg_pool1d, F.interpolate,
-                     F.upsample}
-_ADD = {operator.add, torch.add, operator.iadd, operator.sub, torch.sub}
-_MUL = {operator.mul, torch.mul}
-_CAT = {torch.cat, torch.concat, torch.concatenate}
+RADIAL_OPS = (torch.ops.qlfx.hardball.default, torch.ops.qlfx.softball.default)
+_POSITIVE = (aten.relu, aten.leaky_relu, aten.abs, aten.max_pool1d, aten.max_pool2d, aten.max_pool3d)
+_ODD = (aten.tanh, aten.sin, aten.sinh, aten.atan, aten.asinh, aten.erf, aten.sign, aten.hardshrink,
+        aten.softshrink)
+_CLIPS = (aten.hardtanh, aten.clamp, aten.clamp_min, aten.clamp_max)
+_UNTAGGED_ELEMENTWISE = (aten.hardswish,)  # elementwise ops without ATen's pointwise tag
+_MAX_POOLS_WITH_INDICES = (aten.adaptive_max_pool1d, aten.adaptive_max_pool2d, aten.adaptive_max_pool3d,
+                           aten.max_pool2d_with_indices, aten.max_pool3d_with_indices)
+_CHANNELWISE_LINEAR = (aten.avg_pool1d, aten.avg_pool2d, aten.avg_pool3d, aten.adaptive_avg_pool1d,
+                       aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d, aten.adaptive_avg_pool3d,
+                       aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
+                       aten.upsample_linear1d, aten.upsample_bilinear2d, aten.upsample_bicubic2d,
+                       aten.upsample_trilinear3d, aten.neg)
+_RESHAPES = (aten.view, aten.reshape, aten._unsafe_view, aten.unsqueeze, aten.squeeze, aten.flatten)
+_SUMS = (aten.sum, aten.mean)
+_EXTREMES = (aten.amax, aten.amin)
+_NORMS = (aten.linalg_vector_norm, aten.linalg_norm, aten.norm)
+_CONSTANT_FACTORIES = (aten.zeros_like, aten.ones_like, aten.full_like, aten.empty_like)
+_COPIES = (aten.clone, aten.alias, aten.detach, aten.contiguous)  # the same values (maybe a new layout)
 
 
 def _channels(node) -> int | None:
-    if not isinstance(node, fx.Node):
+    return ir.channels(node) if isinstance(node, fx.Node) else None
+
+
+def _is_size(node: fx.Node) -> bool:
+    """A node carrying a (symbolic) number, e.g. ``aten.sym_size``: a shape, not data."""
+    return isinstance(ir.val(node), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool))
+
+
+def _same_dim(a, b) -> bool:
+    return a is b or str(a) == str(b)  # sizes may be SymInts: compare without adding guards
+
+
+def _same_shape(a: fx.Node, b: fx.Node) -> bool:
+    sa, sb = ir.shape(a), ir.shape(b)
+    return len(sa) == len(sb) and all(_same_dim(x, y) for x, y in zip(sa, sb))
+
+
+def _is_pointwise(node: fx.Node) -> bool:
+    return torch.Tag.pointwise in getattr(node.target, "tags", ()) or ir.is_op(node, *_UNTAGGED_ELEMENTWISE)
+
+
+def _reduced_dims(node: fx.Node, x: fx.Node) -> set[int]:
+    """The dims a reduction node reduces (an empty or missing dim list reduces all of them)."""
+    rank = len(ir.shape(x))
+    dim = ir.op_args(node).get("dim")
+    if dim is None or (isinstance(dim, (list, tuple)) and not dim):
+        return set(range(rank))
+    return {int(d) % rank for d in (dim if isinstance(dim, (list, tuple)) else [dim])}
+
+
+def _norm_group(node: fx.Node) -> Group | None:
+    """The group a norm over the channel axis is invariant under: O for the 2-norm (Euclidean or
+    Frobenius), signed permutations for any other p-norm; None for matrix norms of other kinds."""
+    a = ir.op_args(node)
+    if ir.is_op(node, aten.linalg_norm):
+        return Group.O if a.get("ord") in (None, "fro") else None
+    p = a.get("ord", a.get("p"))
+    p = 2 if p is None else p
+    if not isinstance(p, numbers.Number):
         return None
-    s = ir.shape(node)
-    return int(s[1]) if s is not None and len(s) >= 2 else None
+    return Group.O if p == 2 else Group.SIGNED_PERMUTATION
+
+
+def _clip_group(node: fx.Node) -> Group | None:
+    """hardtanh / clamp: clipping at 0 on one side only (ReLU, min(x, 0)) is positive-homogeneous,
+    a symmetric clip is odd, any other clip commutes with permutations; None for tensor bounds."""
+    a = ir.op_args(node)
+    if ir.is_op(node, aten.hardtanh):
+        lo, hi = a["min_val"], a["max_val"]
+    else:
+        lo, hi = a.get("min"), a.get("max")
+    if not all(v is None or isinstance(v, numbers.Number) for v in (lo, hi)):
+        return None
+    if (lo == 0 and hi is None) or (lo is None and hi == 0):
+        return Group.POSITIVE_MONOMIAL
+    if lo is not None and hi is not None and lo == -hi:
+        return Group.SIGNED_PERMUTATION
+    return Group.PERMUTATION
 
 
 def _location(node: fx.Node) -> str:
-    path = node.meta.get("qlfx_module")
-    if path is None and node.op == "call_module":
-        path = node.target
-    if path is None:
-        stack = node.meta.get("nn_module_stack")
-        if stack:
-            path = list(stack.keys())[-1]
-            value = list(stack.values())[-1]
-            if isinstance(value, tuple) and value and isinstance(value[0], str):
-                path = value[0]
     if node.op == "placeholder":
         return f"network input ({node.name})"
+    path = ir.module_path(node)
     return f"{path} output ({node.name})" if path else f"output of {node.name}"
 
 
+def _flatten(args):
+    if isinstance(args, (list, tuple)):
+        for a in args:
+            yield from _flatten(a)
+    elif isinstance(args, dict):
+        for a in args.values():
+            yield from _flatten(a)
+    else:
+        yield args
+
+
+def _shared_kernel(gm, weight, cin: int, cout: int, groups: int) -> bool:
+    """Whether a depthwise conv's kernel is the same for every input channel (it then acts as
+    P (x) I_k for any P): ``aten.repeat`` of a stored (k, 1, kh, kw) kernel over the input channels, or a
+    stored weight whose (cin, k, ...) view is constant along the input-channel axis."""
+    if groups != cin or cin == 0 or cout % cin:
+        return False
+    k = cout // cin
+    if ir.is_op(weight, aten.repeat):
+        a = ir.op_args(weight)
+        base, reps = a["self"], tuple(a["repeats"])
+        s = ir.shape(base)
+        return (ir.is_constant(base) and s is not None and s[0] == k and reps[:1] == (cin,)
+                and all(r == 1 for r in reps[1:]))
+    if ir.is_constant(weight) and cin > 1:  # one input channel: nothing to share; treated as per-channel
+        v = ir.get_tensor(gm, weight).reshape(cin, k, -1)
+        return bool((v == v[:1]).all())
+    return False
+
+
 class _Recorder:
+    """Walks the graph once, recording per node: sites (channel axes), "same space" links, tied
+    permutations, products, group demands; and which values are constants (weights), invariants
+    (unchanged by every allowed basis change, see the module docstring) or squares ``x*x``."""
+
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.size: dict[str, int] = {}
@@ -361,8 +466,45 @@ class _Recorder:
         self.kinds: dict[str, str] = {}
         self.notes: list[str] = []
         self.order: dict[str, int] = {}
+        self.constant: set[str] = set()  # computed from stored tensors (and sizes) only
+        self.invariant: set[str] = set()
+        self.squares: dict[str, fx.Node] = {}  # q -> x for q = x*x, x**2, square(x)
+        self.square_only: set[str] = set()  # squares read by channel sums only: no channel value of their own
 
-    # -- helpers
+    # -- what a value is
+    def is_tensor(self, a) -> bool:
+        return isinstance(a, fx.Node) and isinstance(ir.val(a), torch.Tensor)
+
+    def is_value(self, a) -> bool:
+        """A computed tensor whose channel axis changes basis (not a constant, invariant or bare square)."""
+        return self.is_tensor(a) and not self.is_fixed(a) and a.name not in self.square_only
+
+    def is_fixed(self, a: fx.Node) -> bool:
+        """A constant or an invariant: unchanged by every basis change the analysis allows."""
+        return a.name in self.constant or a.name in self.invariant
+
+    def deps(self, node: fx.Node) -> list[fx.Node]:
+        """The node's inputs that carry data (not sizes), each once."""
+        return [a for a in node.all_input_nodes if not _is_size(a)]
+
+    def uniform(self, a, out: fx.Node) -> bool:
+        """``a`` (a number, constant or invariant) is constant along ``out``'s channel axis, so that
+        ``x * a``, ``x / a``, ``where(a, ...)`` treat every channel alike."""
+        return self._uniform(a, len(ir.shape(out)) - 2)
+
+    def _uniform(self, a, k: int) -> bool:  # k: the channel axis counted from the right (broadcasting)
+        if not self.is_tensor(a):
+            return True
+        if not self.is_fixed(a):
+            return False
+        s = ir.shape(a)
+        if len(s) <= k or s[len(s) - 1 - k] == 1:
+            return True
+        if ir.is_op(a, aten.expand):
+            return self._uniform(a.args[0], k)
+        return _is_pointwise(a) and all(self._uniform(i, k) for i in self.deps(a))
+
+    # -- recording helpers
     def site(self, node) -> bool:
         c = _channels(node)
         if c is None:
@@ -370,6 +512,9 @@ class _Recorder:
         if node.name not in self.size:
             self.size[node.name] = c
             self.cuts[node.name] = {0, c}
+            if not self.is_value(node):  # a constant or an invariant read as channels cannot change basis
+                what = "constant" if node.name in self.constant else "invariant"
+                self.demands.append((node.name, 0, c, Group.IDENTITY, f"{what} {node.name} used as channels"))
         return True
 
     def demand(self, node, group: Group, reason: str, start=None, stop=None) -> None:
@@ -399,113 +544,182 @@ class _Recorder:
             self.notes.append(f"identity on {', '.join(n.name for n in touched)}: {why}")
 
     def unknown(self, node: fx.Node, why: str | None = None) -> None:
-        values = [a for a in node.all_input_nodes if a.op != "get_attr"] + [node]
-        target = getattr(node.target, "__name__", str(node.target))
-        self.unknown_sites(values, why or f"{node.op} {target} ({node.name}) is not understood by the analysis")
+        # constants and invariants among the inputs are unchanged by any basis change already
+        values = [a for a in self.deps(node) if self.is_value(a)] + [node]
+        self.unknown_sites(values, why or f"{ir.op_name(node)} ({node.name}) is not understood by the analysis")
 
     def const(self, arg) -> torch.Tensor | None:
-        if isinstance(arg, fx.Node) and arg.op == "get_attr":
+        """The stored tensor a get_attr argument reads (what a rewrite can replace), else None."""
+        if ir.is_constant(arg):
             t = ir.get_tensor(self.gm, arg)
             return t if isinstance(t, torch.Tensor) else None
         return None
 
-    # -- per op
+    def same_layout(self, v, node) -> bool:
+        """v has node's rank and channel count (it may broadcast over other dims)."""
+        return len(ir.shape(v)) == len(ir.shape(node)) and _channels(v) == _channels(node)
+
+    # -- per node
     def visit(self, node: fx.Node) -> None:
         self.order[node.name] = len(self.order)
         if node.op == "get_attr":
+            self.constant.add(node.name)
             return
         if node.op == "placeholder":
             self.demand(node, Group.IDENTITY, f"network input {node.name}")
             return
         if node.op == "output":
-            flat = [a for a in _flatten(node.args) if isinstance(a, fx.Node)]
-            for a in flat:
-                self.demand(a, Group.IDENTITY, "network output")
-            return
-        if node.op == "call_module":
-            from qlfx.models.activations import Hardball, Softball
-
-            mod = self.gm.get_submodule(node.target)
-            if isinstance(mod, (Hardball, Softball)) and len(node.args) == 1 and not node.kwargs:
-                self.link_same(node.args[0], node)
-                self.demand(node, Group.O, f"{type(mod).__name__.lower()} {node.target}")
-                self.kinds[node.name] = "radial"
-                return
-            self.unknown(node, f"opaque module {node.target} ({type(mod).__name__})")
-            return
-        if node.op == "call_method":
-            if node.target in ("mean", "sum", "amax") and len(node.args) >= 2:
-                dims = node.args[1] if isinstance(node.args[1], (tuple, list)) else (node.args[1],)
-                x = node.args[0]
-                nd = len(ir.shape(x) or ())
-                if all(isinstance(d, int) and (d % nd if nd else d) >= 2 for d in dims) and \
-                        _channels(node) == _channels(x):
-                    self.link_same(x, node)
-                    if node.target == "amax":
-                        self.demand(node, Group.POSITIVE_MONOMIAL, f"max over pixels {node.name}")
-                    return
-            self.unknown(node)
+            for a in _flatten(node.args):
+                if isinstance(a, fx.Node):
+                    self.demand(a, Group.IDENTITY, "network output")
             return
         if node.op != "call_function":
             self.unknown(node)
             return
-        t = node.target
-        if _is_branch_product(t):
-            self.branch_product(node)
-        elif t is ir.CONV2D:
-            self.conv(node)
-        elif t is F.linear:
-            self.linear(node)
-        elif t is F.batch_norm:
-            self.batch_norm(node)
-        elif t in _RELU or t in _POSITIVE and t is not F.elu:
-            self.activation(node, Group.POSITIVE_MONOMIAL)
-        elif t is F.hardtanh:
-            args = list(node.args) + [None, None]
-            lo = node.kwargs.get("min_val", args[1] if args[1] is not None else -1.0)
-            hi = node.kwargs.get("max_val", args[2] if args[2] is not None else 1.0)
-            self.activation(node, Group.SIGNED_PERMUTATION if lo == -hi else Group.PERMUTATION)
-        elif t in _ODD:
-            self.activation(node, Group.SIGNED_PERMUTATION)
-        elif t in _ELEMENTWISE:
-            self.activation(node, Group.PERMUTATION)
-        elif t in _MAXPOOL:
-            self.activation(node, Group.POSITIVE_MONOMIAL)
-        elif t in _LINEAR_COMMUTING:
-            if _channels(node.args[0]) == _channels(node):
-                self.link_same(node.args[0], node)
-            else:
+        deps = self.deps(node)
+        if not deps or ir.is_op(node, *_CONSTANT_FACTORIES) or all(a.name in self.constant for a in deps):
+            self.constant.add(node.name)  # e.g. a repeated shared kernel: a weight, not an activation
+            return
+        if all(self.is_fixed(a) for a in deps):
+            self.invariant.add(node.name)  # any function of invariants and constants
+            return
+        if _is_size(node) or self.square(node):
+            return  # a size read from a shape; a square read by channel sums only
+        if not self.is_tensor(node):  # a multi-output op: its pieces are read by getitem
+            if not (ir.is_op(node, *_MAX_POOLS_WITH_INDICES) and all(u.args[1] == 0 for u in node.users)):
                 self.unknown(node)
-        elif t is torch.flatten:
-            self.flatten(node)
-        elif t in _ADD:
-            self.add(node)
-        elif t in _MUL:
+            return
+        self.dispatch(node)
+
+    def dispatch(self, node: fx.Node) -> None:
+        if ir.is_op(node, *RADIAL_OPS):
+            self.activation(node, Group.O, kind="radial")
+        elif ir.is_op(node, torch.ops.qlfx.branch_product):
+            self.branch_product(node)
+        elif ir.ConvCall.of(node) is not None:
+            self.conv(node)
+        elif ir.LinearCall.of(node) is not None:
+            self.linear(node)
+        elif ir.BatchNormCall.of(node) is not None:
+            self.batch_norm(node)
+        elif ir.is_op(node, *_POSITIVE):
+            self.activation(node, Group.POSITIVE_MONOMIAL)
+        elif ir.is_op(node, *_ODD):
+            self.activation(node, Group.SIGNED_PERMUTATION)
+        elif ir.is_op(node, *_CLIPS) and _clip_group(node) is not None:
+            self.activation(node, _clip_group(node))
+        elif ir.is_op(node, *_CHANNELWISE_LINEAR):
+            self.channelwise_linear(node)
+        elif ir.is_op(node, *_SUMS, *_EXTREMES, *_NORMS):
+            self.reduction(node)
+        elif ir.is_op(node, aten.einsum):
+            self.einsum(node)
+        elif ir.is_op(node, aten.mul):
             self.mul(node)
-        elif t in (operator.truediv, torch.div) and len(node.args) == 2 and isinstance(node.args[1], (int, float)):
-            self.link_same(node.args[0], node)
-        elif t is operator.getitem:
-            self.getitem(node)
-        elif t in _CAT:
+        elif ir.is_op(node, aten.div.Tensor, aten.div.Scalar):
+            self.div(node)
+        elif ir.is_op(node, aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar, aten.rsub):
+            self.add(node)
+        elif ir.is_op(node, aten.where):
+            self.where(node)
+        elif ir.is_op(node, aten.slice.Tensor):
+            self.slice(node)
+        elif ir.is_op(node, aten.cat):
             self.cat(node)
+        elif ir.is_op(node, *_RESHAPES):
+            self.reshape(node)
+        elif ir.is_op(node, aten.permute, aten.transpose, aten.select.int, aten.repeat_interleave.self_int,
+                      aten._to_copy, *_COPIES):
+            self.keeps_channels(node)
+        elif node.target is operator.getitem:
+            self.getitem(node)
+        elif _is_pointwise(node):
+            self.activation(node, Group.PERMUTATION)
         else:
             self.unknown(node)
 
-    def activation(self, node, group: Group) -> None:
-        x = node.args[0] if node.args else None
-        if not isinstance(x, fx.Node) or _channels(x) != _channels(node):
-            self.unknown(node)
+    def square(self, node: fx.Node) -> bool:
+        """Remember q = x*x (``x**2``, ``square(x)``) of a value x, so that a channel sum of q is known
+        to be |x|^2. True when q is read by such sums only: it then has no channel value of its own (as a
+        value, x*x would tie x to a product and pin it to monomials)."""
+        a = node.args
+        is_square = ((ir.is_op(node, aten.mul.Tensor) and len(a) == 2 and a[0] is a[1])
+                     or (ir.is_op(node, aten.pow.Tensor_Scalar) and a[1] == 2) or ir.is_op(node, aten.square))
+        if not is_square or not self.is_value(a[0]):
+            return False
+        self.squares[node.name] = a[0]
+        if all(ir.is_op(u, *_SUMS) and u.args[0] is node and 1 in _reduced_dims(u, node) for u in node.users):
+            self.square_only.add(node.name)
+            self.kinds[node.name] = "square"
+            return True
+        return False
+
+    def activation(self, node, group: Group, kind: str = "activation") -> None:
+        """An elementwise function of one value that commutes with ``group``: same space, demand group."""
+        x = node.args[0]
+        if not self.is_value(x) or self.deps(node) != [x] or _channels(x) != _channels(node):
+            self.elementwise(node)
             return
         self.link_same(x, node)
-        target = getattr(node.target, "__name__", str(node.target))
-        self.demand(node, group, f"{target} {node.name}")
-        self.kinds[node.name] = "activation"
+        self.demand(node, group, f"{ir.op_name(node)} {node.name}")
+        self.kinds[node.name] = kind
+
+    def elementwise(self, node) -> None:
+        """Any elementwise op of values (and of numbers, constants or invariants that are the same for
+        every channel) commutes with permuting the channels of all its values alike."""
+        values = []
+        for a in self.deps(node):
+            if self.is_value(a):
+                if not self.same_layout(a, node):
+                    self.unknown(node, f"{ir.op_name(node)} {node.name} broadcasts over channels")
+                    return
+                values.append(a)
+            elif not self.uniform(a, node):
+                self.unknown(node, f"{ir.op_name(node)} {node.name}: {a.name} differs between channels")
+                return
+        for v in values:
+            self.link_same(v, node)
+        self.demand(node, Group.PERMUTATION, f"elementwise {ir.op_name(node)} {node.name}")
+        self.kinds.setdefault(node.name, "elementwise")
+
+    def channelwise_linear(self, node) -> None:
+        x = node.args[0]
+        if self.deps(node) == [x] and _channels(x) == _channels(node):
+            self.link_same(x, node)
+        else:
+            self.unknown(node)
+
+    def keeps_channels(self, node) -> None:
+        """copies / permute / transpose / select / repeat_interleave / dtype casts: dims 0 and 1 kept
+        (same space), or ``repeat_interleave(x, k, 1)`` (k copies of each channel: space (x) R^k)."""
+        a, x = ir.op_args(node), node.args[0]
+        rank = len(ir.shape(x))
+        if ir.is_op(node, *_COPIES):
+            kept = True
+        elif ir.is_op(node, aten.permute):
+            kept = [int(d) % rank for d in a["dims"]][:2] == [0, 1]
+        elif ir.is_op(node, aten.transpose):
+            kept = min(int(a["dim0"]) % rank, int(a["dim1"]) % rank) >= 2
+        elif ir.is_op(node, aten.select.int):
+            kept = int(a["dim"]) % rank >= 2
+        elif ir.is_op(node, aten._to_copy):
+            kept = ir.dtype(x).is_floating_point and ir.dtype(node).is_floating_point
+        else:  # repeat_interleave
+            dim = a["dim"]
+            if dim is not None and int(dim) % rank == 1 and isinstance(a["repeats"], int):
+                self.link_same(x, node, a["repeats"])
+                return
+            kept = dim is not None and int(dim) % rank != 1 and _channels(x) == _channels(node)
+        if kept and self.deps(node) == [x]:
+            self.link_same(x, node)
+        else:
+            self.unknown(node)
 
     def conv(self, node) -> None:
         conv = ir.ConvCall.of(node)
         x = conv.input
         cin, cout = _channels(x), _channels(node)
-        if cin is None or cout is None:
+        if not self.is_value(x) or cin is None or cout is None:
             self.unknown(node)
             return
         shared = _shared_kernel(self.gm, conv.weight, cin, cout, conv.groups)
@@ -534,12 +748,11 @@ class _Recorder:
     def branch_product(self, node) -> None:
         """qlfx::branch_product = conv_a(x) * conv_b(x): modelled with two virtual values
         ``<node>.a`` and ``<node>.b`` (the branches), so it is analysed like the unfused graph."""
-        args = dict(zip(BRANCH_PRODUCT_ARGS, node.args))
-        args.update(node.kwargs)
+        args = ir.op_args(node)
         x = args["x"]
         weights = [args[k] for k in ("weight_a", "bias_a", "weight_b", "bias_b") if args.get(k) is not None]
         cin, m = _channels(x), _channels(node)
-        if cin is None or m is None or any(self.const(w) is None for w in weights):
+        if not self.is_value(x) or cin is None or m is None or any(self.const(w) is None for w in weights):
             self.unknown(node, f"branch_product {node.name}: weights computed in the graph")
             return
         groups = int(args["groups_b"])
@@ -561,143 +774,193 @@ class _Recorder:
         self.products.append((va, vb, node.name))
 
     def linear(self, node) -> None:
-        args = list(node.args) + [None] * (3 - len(node.args))
-        x, w, b = args[0], node.kwargs.get("weight", args[1]), node.kwargs.get("bias", args[2])
-        s = ir.shape(x)
-        if s is None or len(s) != 2 or self.const(w) is None or (b is not None and self.const(b) is None):
+        lin = ir.LinearCall.of(node)
+        s = ir.shape(lin.input)
+        if (not self.is_value(lin.input) or len(s) != 2 or self.const(lin.weight) is None
+                or (lin.bias is not None and self.const(lin.bias) is None)):
             self.unknown(node, f"linear {node.name}: needs a 2-D input and stored weight/bias")
             return
         self.kinds[node.name] = "linear"
-        self.site(x), self.site(node)
+        self.site(lin.input), self.site(node)
 
     def batch_norm(self, node) -> None:
-        from qlfx.passes.fold_bn import BatchNormCall
-
-        bn = BatchNormCall.of(node)
-        consts = [a for a in (bn.running_mean, bn.running_var, bn.weight, bn.bias) if a is not None]
-        if bn.training or bn.running_mean is None or any(self.const(a) is None for a in consts):
+        bn = ir.BatchNormCall.of(node)
+        if bn.training or not bn.foldable or not self.is_value(bn.input):
             self.unknown(node, f"batchnorm {node.name} in training mode or without stored statistics")
             return
         self.kinds[node.name] = "batch_norm"
         self.link_tie(bn.input, node, 1)
 
-    def flatten(self, node) -> None:
-        args = list(node.args) + [0, -1][len(node.args) - 1:]
-        x = args[0]
-        start = node.kwargs.get("start_dim", args[1])
-        end = node.kwargs.get("end_dim", args[2])
-        s = ir.shape(x)
-        if s is None:
-            self.unknown(node)
+    def reduction(self, node) -> None:
+        """sum / mean / amax / amin / norms. Over the channel axis: an invariant (module docstring);
+        over other dims: sums and means are linear (same space), max/min commute with positive
+        monomials; norms over pixels and reductions that move the channel axis are not analysed."""
+        x = node.args[0]
+        dims = _reduced_dims(node, x)
+        if 1 in dims:
+            self.channel_invariant(node, x)
             return
-        nd = len(s)
-        start, end = start % nd, end % nd
-        if start >= 2 and _channels(node) == _channels(x):
+        if 0 in dims and not ir.op_args(node).get("keepdim", False):
+            self.unknown(node, f"{ir.op_name(node)} {node.name} over the batch moves the channel axis")
+        elif ir.is_op(node, *_SUMS) and self.deps(node) == [x]:
             self.link_same(x, node)
-        elif start == 1 and end == nd - 1:
-            self.link_same(x, node, math.prod(s[2:]))
+        elif ir.is_op(node, *_EXTREMES) and self.deps(node) == [x]:
+            self.link_same(x, node)
+            self.demand(node, Group.POSITIVE_MONOMIAL, f"{ir.op_name(node)} over pixels {node.name}")
         else:
             self.unknown(node)
 
-    def _constant_channel_size(self, const: torch.Tensor, out: fx.Node) -> int | None:
-        nd = len(ir.shape(out))
-        axis = const.dim() - (nd - 1)
-        if axis < 0:
-            return 1
-        return int(const.shape[axis])
-
-    def add(self, node) -> None:
-        if len(node.args) != 2 or any(k != "alpha" for k in node.kwargs):
+    def channel_invariant(self, node, x) -> None:
+        if ir.is_op(node, *_SUMS) and x.name in self.squares:
+            source, group, what = self.squares[x.name], Group.O, "sum of squares over channels"
+        elif ir.is_op(node, *_SUMS, *_EXTREMES):
+            source, group, what = x, Group.PERMUTATION, f"{ir.op_name(node)} over channels"
+        else:
+            source, group, what = x, _norm_group(node), "norm over channels"
+        if group is None or not self.is_value(source):
             self.unknown(node)
             return
-        a, b = node.args
-        c = _channels(node)
-        values = [v for v in (a, b) if isinstance(v, fx.Node) and self.const(v) is None]
-        consts = [v for v in (a, b) if v not in values]
-        if any(ir.shape(v) is None or len(ir.shape(v)) != len(ir.shape(node)) or _channels(v) != c for v in values):
-            self.unknown(node, f"add {node.name} broadcasts over channels")
-            return
-        for k in consts:
-            if isinstance(k, (int, float)) and k == 0:
-                continue
-            t = self.const(k)
-            if t is None or self._constant_channel_size(t, node) != c:
-                self.unknown(node, f"add {node.name} of a constant that is not per-channel (needs a fixed vector)")
-                return
-        if consts:
-            self.kinds[node.name] = "add-constant"
-        for v in values:
-            self.link_same(v, node)
+        self.demand(source, group, f"{what} {node.name}")
+        self.invariant.add(node.name)
+        self.kinds[node.name] = "invariant"
+
+    def einsum(self, node) -> None:
+        """``einsum("nchw,nchw->nhw", x, x)``: the same value twice with the same subscripts, the channel
+        letter summed out: a sum of squares over channels (O-invariant); any other einsum: not analysed."""
+        a = ir.op_args(node)
+        inputs, _, output = a["equation"].replace(" ", "").partition("->")
+        subscripts = inputs.split(",")
+        operands = a["tensors"]
+        x = operands[0]
+        if (len(operands) == 2 and operands[1] is x and self.is_value(x) and len(subscripts) == 2
+                and subscripts[0] == subscripts[1] and subscripts[0].isalpha()
+                and len(set(subscripts[0])) == len(subscripts[0]) == len(ir.shape(x))
+                and set(output) <= set(subscripts[0]) and subscripts[0][1] not in output):
+            self.demand(x, Group.O, f"sum of squares over channels {node.name}")
+            self.invariant.add(node.name)
+            self.kinds[node.name] = "invariant"
+        else:
+            self.unknown(node)
+
+    def scale(self, node, x, factor) -> None:
+        """x * factor or x / factor with factor a number, a constant or an invariant."""
+        if not _same_shape(x, node):
+            self.unknown(node, f"{ir.op_name(node)} {node.name} broadcasts {x.name}")
+        elif self.uniform(factor, node):
+            self.link_same(x, node)  # the same factor for every channel commutes with every basis change
+            if self.is_tensor(factor) and factor.name in self.invariant:
+                self.kinds[node.name] = "scale-by-invariant"
+        elif ir.is_op(node, aten.mul) and self.per_channel_constant(factor, node):
+            self.kinds[node.name] = "mul-constant"
+            self.link_tie(x, node, 1)
+        else:
+            self.unknown(node, f"{ir.op_name(node)} {node.name} by {getattr(factor, 'name', factor)}, which "
+                               f"differs between channels")
 
     def mul(self, node) -> None:
-        if len(node.args) != 2 or node.kwargs:
-            self.unknown(node)
-            return
-        a, b = node.args
-        c = _channels(node)
-        values = [v for v in (a, b) if isinstance(v, fx.Node) and self.const(v) is None]
-        if len(values) == 2:
-            if all(ir.shape(v) == ir.shape(node) for v in values):
+        a, b = node.args[:2]
+        if self.is_value(a) and self.is_value(b):
+            if _same_shape(a, node) and _same_shape(b, node):
                 self.site(a), self.site(b), self.site(node)
                 self.products.append((a.name, b.name, node.name))
                 self.kinds[node.name] = "product"
             else:
                 self.unknown(node, f"product {node.name} broadcasts")
             return
-        if len(values) != 1:
-            self.unknown(node)
-            return
-        x = values[0]
-        other = b if x is a else a
-        if _channels(x) != c:
-            self.unknown(node)
-            return
-        if isinstance(other, (int, float)):
-            self.link_same(x, node)
-            return
-        t = self.const(other)
-        size = self._constant_channel_size(t, node) if t is not None else None
-        if size == 1:
-            self.link_same(x, node)  # channel-uniform map: commutes with every channel basis change
-        elif size == c:
-            self.kinds[node.name] = "mul-constant"
-            self.link_tie(x, node, 1)
-        else:
-            self.unknown(node)
+        x, factor = (a, b) if self.is_value(a) else (b, a)
+        self.scale(node, x, factor)
 
-    def getitem(self, node) -> None:
-        x, index = node.args
-        if not isinstance(x, fx.Node) or _channels(x) is None:
-            self.unknown(node)
+    def div(self, node) -> None:
+        x, divisor = node.args[:2]
+        if self.is_value(x) and not self.is_value(divisor):
+            self.scale(node, x, divisor)
+        else:
+            self.elementwise(node)  # 1 / x, x / y: elementwise (no monomial scaling rule for a quotient)
+
+    def per_channel_constant(self, arg, out: fx.Node) -> bool:
+        """``arg`` is a stored tensor with one entry per channel of ``out`` (broadcasting along dim 1)."""
+        t = self.const(arg)
+        axis = None if t is None else t.dim() - (len(ir.shape(out)) - 1)
+        return axis is not None and axis >= 0 and t.shape[axis] == _channels(out)
+
+    def add(self, node) -> None:
+        """x + y / x - y (any alpha) of values: one space. With a per-channel stored constant c: the same
+        space, c rewritten as M c. With a number or a channel-uniform constant/invariant: every channel
+        gets the same shift, which only permutations keep."""
+        values = [v for v in node.args[:2] if self.is_value(v)]
+        others = [v for v in node.args[:2] if not self.is_value(v)]
+        if any(not self.same_layout(v, node) for v in values):
+            self.unknown(node, f"{ir.op_name(node)} {node.name} broadcasts over channels")
             return
-        idx = index if isinstance(index, tuple) else (index,)
-        full = lambda s: isinstance(s, slice) and s == slice(None)  # noqa: E731
-        if len(idx) >= 2 and full(idx[0]) and isinstance(idx[1], slice) and idx[1].step in (None, 1) and \
-                all(full(s) or s is Ellipsis for s in idx[2:]):
-            c = self.size.get(x.name) or _channels(x)
-            self.site(x)
-            start, stop, _ = idx[1].indices(c)
-            if not self.site(node) or self.size[node.name] != stop - start:
-                self.unknown(node)
+        uniform_shift = False
+        for k in others:
+            if isinstance(k, numbers.Number) and k == 0:
+                continue
+            if self.per_channel_constant(k, node):
+                self.kinds[node.name] = "add-constant"
+            elif self.uniform(k, node):
+                uniform_shift = True
+            else:
+                self.unknown(node, f"{ir.op_name(node)} {node.name} of a value that is neither per-channel "
+                                   f"stored nor the same for every channel")
                 return
-            self.cuts[x.name].update({start, stop})
-            self.same.append((node.name, 0, stop - start, x.name, start, stop, 1))
+        for v in values:
+            self.link_same(v, node)
+        if uniform_shift:
+            self.demand(node, Group.PERMUTATION, f"{ir.op_name(node)} of the same shift to every channel {node.name}")
+
+    def where(self, node) -> None:
+        """where(cond, a, b) with cond the same for every channel (e.g. |x| > r): picks a or b per pixel,
+        so it commutes with every basis change of a's and b's (one) space; a number or uniform branch
+        (other than 0) keeps permutations only. A per-channel condition: elementwise."""
+        a = ir.op_args(node)
+        cond = a["condition"]
+        if self.is_value(cond) or not self.uniform(cond, node):
+            self.elementwise(node)
+            return
+        values, shift = [], False
+        for branch in (a["self"], a["other"]):
+            if self.is_value(branch):
+                if not self.same_layout(branch, node):
+                    self.unknown(node, f"where {node.name} broadcasts {branch.name} over channels")
+                    return
+                values.append(branch)
+            elif self.uniform(branch, node):
+                shift |= not (isinstance(branch, numbers.Number) and branch == 0)
+            else:
+                self.unknown(node, f"where {node.name}: a branch differs between channels")
+                return
+        for v in values:
+            self.link_same(v, node)
+        if shift:
+            self.demand(node, Group.PERMUTATION, f"where {node.name} with a constant branch")
+        self.kinds[node.name] = "where"
+
+    def slice(self, node) -> None:
+        piece = ir.ChannelSlice.of(node)
+        x = node.args[0]
+        if not self.is_value(x):
+            self.unknown(node)
+        elif piece is None:  # along another dim (ChannelSlice takes every slice of dim 1)
+            if ir.op_args(node)["dim"] % len(ir.shape(x)) != 1 and _channels(x) == _channels(node):
+                self.link_same(x, node)
+            else:
+                self.unknown(node)
+        elif piece.step != 1:
+            self.unknown(node, f"strided channel slice {node.name}")
+        else:
+            self.site(x), self.site(node)
+            self.cuts[x.name].update({piece.start, piece.stop})
+            self.same.append((node.name, 0, piece.stop - piece.start, x.name, piece.start, piece.stop, 1))
             self.kinds[node.name] = "slice"
-            return
-        if isinstance(idx[0], slice) and all(full(s) or s is Ellipsis for s in idx[1:]) and \
-                _channels(node) == _channels(x):
-            self.link_same(x, node)  # batch slice
-            return
-        self.unknown(node)
 
     def cat(self, node) -> None:
-        tensors = node.args[0]
-        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-        nd = len(ir.shape(node) or ())
-        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) for t in tensors) or nd < 2:
+        a = ir.op_args(node)
+        tensors, nd = a["tensors"], len(ir.shape(node))
+        if not all(self.is_tensor(t) for t in tensors) or nd < 2:
             self.unknown(node)
             return
-        if dim % nd != 1:
+        if a["dim"] % nd != 1:
             for t in tensors:
                 self.link_same(t, node)
             return
@@ -713,46 +976,28 @@ class _Recorder:
             offset += c
         self.kinds[node.name] = "cat"
 
+    def reshape(self, node) -> None:
+        """view / reshape / (un)squeeze / flatten: dims 0 and 1 kept -> the same space; (N, C, ...) to
+        (N, C*HW) -> HW copies of the space (channel c*HW + p)."""
+        x = node.args[0]
+        s_in, s_out = ir.shape(x), ir.shape(node)
+        if self.deps(node) != [x] or len(s_in) < 2 or len(s_out) < 2 or not _same_dim(s_in[0], s_out[0]):
+            self.unknown(node)
+        elif s_in[1] == s_out[1]:
+            self.link_same(x, node)
+        elif len(s_out) == 2 and all(isinstance(d, int) for d in s_in[1:]) and s_out[1] == math.prod(s_in[1:]):
+            self.link_same(x, node, math.prod(s_in[2:]))
+        else:
+            self.unknown(node)
 
-BRANCH_PRODUCT_ARGS = ("x", "weight_a", "bias_a", "weight_b", "bias_b", "stride", "padding_b", "dilation_b",
-                       "groups_b")
-
-
-def _is_branch_product(target) -> bool:
-    return "qlfx.branch_product" in str(target) or getattr(target, "__name__", "") == "qlfx::branch_product"
-
-
-def _flatten(args):
-    if isinstance(args, (list, tuple)):
-        for a in args:
-            yield from _flatten(a)
-    elif isinstance(args, dict):
-        for a in args.values():
-            yield from _flatten(a)
-    else:
-        yield args
-
-
-def _shared_kernel(gm, weight, cin: int, cout: int, groups: int) -> bool:
-    """Whether a depthwise conv's kernel is the same for every input channel (it then acts as
-    P (x) I_k for any P): a ``repeat`` of a stored (k, 1, kh, kw) kernel, or a stored weight whose
-    (cin, k, ...) view is constant along the input-channel axis."""
-    if groups != cin or cin == 0 or cout % cin:
-        return False
-    k = cout // cin
-    if isinstance(weight, fx.Node) and weight.op == "call_method" and weight.target == "repeat":
-        base = weight.args[0]
-        reps = tuple(weight.args[1:]) if not isinstance(weight.args[1], (tuple, list)) else tuple(weight.args[1])
-        s = ir.shape(base)
-        return (isinstance(base, fx.Node) and base.op == "get_attr" and s is not None and s[0] == k
-                and reps[:1] == (cin,) and all(r == 1 for r in reps[1:]))
-    if isinstance(weight, fx.Node) and weight.op == "get_attr":
-        w = ir.get_tensor(gm, weight)
-        if cin == 1:
-            return False  # one input channel: nothing to share; treated as per-channel
-        v = w.reshape(cin, k, -1)
-        return bool((v == v[:1]).all())
-    return False
+    def getitem(self, node) -> None:
+        source, index = node.args
+        if ir.is_op(source, *_MAX_POOLS_WITH_INDICES) and index == 0 and self.is_value(source.args[0]) and \
+                _channels(source.args[0]) == _channels(node):
+            self.link_same(source.args[0], node)
+            self.demand(node, Group.POSITIVE_MONOMIAL, f"{ir.op_name(source)} {node.name}")
+        else:
+            self.unknown(node)
 
 
 # ----------------------------------------------------------------------------------------- analysis
@@ -762,18 +1007,13 @@ def analyze(gm: fx.GraphModule) -> SymmetryReport:
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"analyze takes a qlfx GraphModule (qlfx.trace / qlfx.compile(...).graph_module), "
                         f"not {type(gm).__name__}")
-    missing = [n.name for n in gm.graph.nodes if n.op not in ("output", "get_attr") and "tensor_meta" not in n.meta]
+    missing = [n.name for n in gm.graph.nodes if n.op in ("placeholder", "call_function") and "val" not in n.meta]
     if missing:
-        raise ValueError(f"nodes without shapes ({', '.join(missing[:5])}...): run qlfx.ir.propagate_shapes(gm, inputs) first")
+        raise ValueError(f"nodes without values ({', '.join(missing[:5])}...): analyze takes a graph captured by "
+                         f"qlfx.trace / qlfx.compile (every node has meta['val']); after editing a graph, "
+                         f"call qlfx.ir.refresh_vals(gm)")
     rec = _Recorder(gm)
-    # values computed from stored tensors only (e.g. a repeated shared kernel) are weights, not activations
-    weight_like: set[str] = set()
     for node in gm.graph.nodes:
-        if node.op == "get_attr" or (node.op in ("call_function", "call_method") and node.all_input_nodes and
-                                     all(a.name in weight_like for a in node.all_input_nodes)):
-            weight_like.add(node.name)
-            rec.order[node.name] = len(rec.order)
-            continue
         rec.visit(node)
 
     # ---- phase 1: cut points agree across every link -------------------------------------------

@@ -1,7 +1,10 @@
-"""TVM emitter: llvm build + equivalence, fused kernels, tuning database reuse, torch-free export, cuda build."""
+"""TVM emitter: from_exported_program + qlfx's lowering; llvm build == torch, fused kernels, dynamic batch,
+tuning database reuse, all unsupported ops listed at once, torch-free export, cuda build."""
 from __future__ import annotations
 
+import inspect
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,21 +17,14 @@ import torch.nn as nn
 
 import qlfx
 from qlfx.errors import UnsupportedOpsError
-from qlfx.models import qlnet, qlnet_eq3, randomize_batchnorm
+from qlfx.models import create_model, qlnet, qlnet_eq3, randomize_batchnorm
 
 tvm = pytest.importorskip("tvm")
+from qlfx.emit import tvm as emit_tvm  # noqa: E402
 from qlfx.emit.tvm import build_tvm  # noqa: E402
 
-RUNTIME_FILE = Path(__file__).resolve().parents[2] / "qlfx" / "emit" / "tvm_runtime.py"
 SMALL = dict(layers=(1, 1, 1, 1), widths=(8, 16, 32, 64), num_classes=10)
-
-
-def _fuse_pipeline() -> str:
-    try:
-        import qlfx.passes.fuse_product  # noqa: F401 -- registers the pass if passes/__init__ does not yet
-    except ImportError:
-        pass
-    return "fold-bn,constant-fold,dce,fuse-product" if "fuse-product" in qlfx.list_passes() else qlfx.DEFAULT_PIPELINE
+BRANCH_PRODUCT = torch.ops.qlfx.branch_product.default
 
 
 def _small_model(kind: str) -> nn.Module:
@@ -44,15 +40,18 @@ def _close(actual, expected, rel=2e-5):
     assert err < rel, f"TVM output differs from torch: max rel err {err:.2e}"
 
 
+def _fused(gm) -> list:
+    return [n for n in gm.graph.nodes if n.target is BRANCH_PRODUCT]
+
+
 @pytest.fixture(scope="module")
 def compiled_small():
-    """(model, Compiled, input) for the PDEBlock and Eq.(3) twins at 64x64, after fuse-product."""
+    """(model, Compiled, input) for the PDEBlock and Eq.(3) twins at 64x64, after the default pipeline."""
     out = {}
-    pipeline = _fuse_pipeline()
     for kind in ("pde", "eq3"):
         model = _small_model(kind)
         x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-        out[kind] = (model, qlfx.compile(model, passes=pipeline, example_inputs=(x,)), x)
+        out[kind] = (model, qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,)), x)
     return out
 
 
@@ -67,43 +66,85 @@ def test_llvm_build_matches_torch_with_fused_kernels(compiled_small, kind):
     x2 = torch.randn_like(x)
     with torch.no_grad():
         _close(module(x2.numpy()), model(x2).numpy())
-    fused = [n for n in compiled.graph_module.graph.nodes if str(n.target) == "qlfx.branch_product.default"]
-    assert len(module.kernels) == len(fused)
-    if fused:
-        assert all(r.kind == ("pointwise" if kind == "pde" else "depthwise") for r in module.kernels)
-        try:
-            from qlfx.kernels.branch_product import schedule_branch_product  # noqa: F401
-        except ImportError:
-            return
-        assert all(r.kernel.startswith("branch_product_") for r in module.kernels), module.kernels
-        names = {gv.name_hint for gv in module.relax_module.get_global_vars()} if module.relax_module else set()
-        assert not names or any(n.startswith("branch_product_") for n in names)
+    fused = _fused(compiled.graph_module)
+    assert len(fused) == 4 and len(module.kernels) == 4
+    assert [r.node for r in module.kernels] == [n.name for n in fused]  # named after the qlfx nodes
+    assert all(r.kind == ("pointwise" if kind == "pde" else "depthwise") for r in module.kernels)
+    assert all(r.kernel.startswith("branch_product_") for r in module.kernels), module.kernels
+    names = {gv.name_hint for gv in module.relax_module.get_global_vars()}
+    assert {r.kernel for r in module.kernels} <= names
 
 
 def test_plain_graph_without_kernels_matches_torch():
-    """Relax from the plain traced graph (no passes): batch_norm, slices, Hardball as Relax ops."""
+    """Relax from the plain captured graph (no passes): batch_norm, slices, hardball as Relax ops."""
     model = _small_model("pde")
     x = torch.randn(1, 3, 64, 64)
     module = build_tvm(qlfx.trace(model, (x,)), (x,), target="llvm", progress=False)
     assert module.kernels == []
     with torch.no_grad():
         _close(module(x), model(x))
+    with pytest.raises(ValueError, match=r"must have shape \(1, 3, 64, 64\).*dynamic_batch"):
+        module(torch.randn(2, 3, 64, 64))
+
+
+def test_relax_fallback_when_kernels_are_off(compiled_small):
+    model, compiled, x = compiled_small["eq3"]
+    module = compiled.to_tvm("llvm", use_kernels=False, progress=False)
+    assert [r.kernel for r in module.kernels] == ["relax-fallback"] * 4
+    assert all(r.note == "use_kernels=False" for r in module.kernels)
+    with torch.no_grad():
+        _close(module(x), model(x))
+
+
+@pytest.mark.parametrize("kind", ["pde", "eq3"])
+def test_dynamic_batch_runs_at_any_batch_size(kind):
+    model = _small_model(kind)
+    x = torch.randn(1, 3, 32, 32)
+    compiled = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,), dynamic_batch=True)
+    module = compiled.to_tvm("llvm", progress=False)
+    assert module.inputs[0]["shape"] == [None, 3, 32, 32] and module.outputs[0]["shape"] == [None, 10]
+    assert len(module.kernels) == len(_fused(compiled.graph_module)) == 4
+    assert all("nany" in r.kernel for r in module.kernels)  # the kernels take any batch size too
+    for batch in (1, 3, 8):
+        xb = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            _close(module(xb), model(xb))
+
+
+class _Cummax(nn.Module):
+    def forward(self, x):
+        return torch.cummax(x, dim=1).values
 
 
 class _Unsupported(nn.Module):
+    """Three ops TVM's importer has no converter for, around supported ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.running = _Cummax()
+
     def forward(self, x):
-        y = torch.cumsum(x, dim=1)
-        return torch.special.erfcx(y) + torch.fft.fft(y).real
+        k = torch.kthvalue(x, 2, dim=1, keepdim=True).values
+        c = self.running(self.conv(x))
+        return c + k + torch.special.erfcx(x) + torch.relu(x)
+
+
+def _line_of(obj, text: str) -> str:
+    lines, first = inspect.getsourcelines(obj)
+    return f"{os.path.basename(__file__)}:{first + next(i for i, s in enumerate(lines) if text in s)}"
 
 
 def test_unsupported_ops_are_listed_at_once():
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(UnsupportedOpsError) as info:
         build_tvm(qlfx.trace(_Unsupported(), (x,)), (x,), progress=False)
-    message = str(info.value)
-    assert len(info.value.sites) >= 3, message  # cumsum, erfcx, fft (and the getattr of .real)
-    for name in ("cumsum", "erfcx", "fft"):
-        assert name in message
+    sites = info.value.sites
+    assert [s.split(" ")[0] for s in sites] == ["kthvalue", "running_cummax", "special_erfcx"], sites
+    assert f"at {_line_of(_Unsupported.forward, 'kthvalue')}: no TVM converter for aten.kthvalue.default" in sites[0]
+    assert f"in running) at {_line_of(_Cummax.forward, 'cummax')}: no TVM converter for aten.cummax" in sites[1]
+    assert "aten.special_erfcx.default" in sites[2]
+    assert "3 unsupported op(s)" in str(info.value)
 
 
 @pytest.mark.slow
@@ -120,6 +161,15 @@ def test_many_block_kinds_match_torch():
         _close(module(x), model(x))
 
 
+def test_timm_model_through_default_pipeline():
+    timm = pytest.importorskip("timm")
+    model = randomize_batchnorm(timm.create_model("mobilenetv3_small_050", pretrained=False).eval(), seed=0)
+    x = torch.randn(1, 3, 64, 64)
+    module = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,)).to_tvm("llvm", progress=False)
+    with torch.no_grad():
+        _close(module(x), model(x), rel=1e-4)
+
+
 class _GatedConv(nn.Module):
     """conv1x1 -> split -> product: one pointwise branch product after fuse-product."""
 
@@ -132,17 +182,22 @@ class _GatedConv(nn.Module):
         return z[:, :32] * z[:, 32:]
 
 
-def test_tuning_database_is_reused(tmp_path):
-    pipeline = _fuse_pipeline()
-    if "fuse-product" not in pipeline:
-        pytest.skip("fuse-product pass not registered")
-    pytest.importorskip("qlfx.kernels.tuning")
+def test_tuning_database_is_reused(tmp_path, monkeypatch):
     x = torch.randn(1, 16, 8, 8)
     model = _GatedConv().eval()
-    compiled = qlfx.compile(model, passes=pipeline, example_inputs=(x,))
+    compiled = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,))
+    assert len(_fused(compiled.graph_module)) == 1
     first = compiled.to_tvm("llvm", tune_trials=2, tuning_db=tmp_path, progress=False)
-    assert [r.trials_run for r in first.kernels] and first.kernels[0].trials_run > 0, first.kernels
+    assert [r.trials_run for r in first.kernels] == [2], first.kernels
+    assert not first.kernels[0].from_database and first.kernels[0].best_us > 0
     assert (tmp_path / "branch-product" / "database_tuning_record.json").stat().st_size > 0
+
+    from qlfx.kernels import tuning
+
+    def no_tuning(*args, **kwargs):
+        raise AssertionError("the second build must not tune")
+
+    monkeypatch.setattr(tuning.ms.tune, "tune_tasks", no_tuning)
     second = compiled.to_tvm("llvm", tune_trials=2, tuning_db=tmp_path, progress=False)
     assert [r.trials_run for r in second.kernels] == [0], second.kernels
     assert second.kernels[0].from_database
@@ -152,34 +207,89 @@ def test_tuning_database_is_reused(tmp_path):
     _close(second(x), expected)
 
 
-def test_export_loads_and_runs_without_torch(compiled_small, tmp_path):
-    model, compiled, x = compiled_small["eq3"]
-    module = compiled.to_tvm("llvm", progress=False)
-    so = module.export(tmp_path / "model.so")
-    meta = json.loads((tmp_path / "model.json").read_text())
-    assert so.exists() and meta["inputs"][0]["shape"] == [2, 3, 64, 64] and meta["num_outputs"] == 1
-    assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
-    np.save(tmp_path / "x.npy", x.numpy())
+def test_tuned_kernel_serves_a_dynamic_batch(tmp_path):
+    """A symbolic-batch site is tuned at the example's batch size; the tuned knobs schedule the kernel
+    that takes any batch size, and the database entry is the example batch's."""
+    x = torch.randn(2, 16, 8, 8)
+    model = _GatedConv().eval()
+    compiled = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,), dynamic_batch=True)
+    module = compiled.to_tvm("llvm", tune_trials=2, tuning_db=tmp_path, progress=False)
+    (record,) = module.kernels
+    assert record.trials_run == 2 and "nany" in record.kernel
+    for batch in (1, 3):
+        xb = torch.randn(batch, 16, 8, 8)
+        with torch.no_grad():
+            _close(module(xb), model(xb))
+    static = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,))
+    again = static.to_tvm("llvm", tune_trials=2, tuning_db=tmp_path, progress=False)
+    assert again.kernels[0].trials_run == 0 and again.kernels[0].from_database
+
+
+@pytest.mark.slow  # MetaSchedule's task extraction imports tvm's tensor intrinsics: minutes with torch loaded
+def test_tune_other_ops_reuses_its_database(tmp_path):
+    x = torch.randn(1, 16, 8, 8)
+    compiled = qlfx.compile(_GatedConv().eval(), "", example_inputs=(x,))
+    first = compiled.to_tvm("llvm", tune_trials=1, tuning_db=tmp_path, tune_other_ops=True, progress=False)
+    assert first.tuning.tasks_total > 0 and first.tuning.tasks_tuned == first.tuning.tasks_total
+    second = compiled.to_tvm("llvm", tune_trials=1, tuning_db=tmp_path, tune_other_ops=True, progress=False)
+    assert second.tuning.tasks_tuned == 0 and second.tuning.tasks_from_database == first.tuning.tasks_total
     with torch.no_grad():
-        np.save(tmp_path / "expected.npy", model(x).numpy())
-    # What a deployment machine without torch does: import qlfx's loader (qlfx's package import is lazy,
-    # and the loader needs tvm + numpy only), with any `import torch` failing.
+        _close(second(x), compiled(x))
+
+
+def _run_without_torch(so: Path, batches: dict[int, tuple[Path, Path]]) -> str:
+    """What a deployment machine without torch does: import qlfx's loader (qlfx's package import is
+    lazy, and the loader needs tvm + numpy only), with any `import torch` failing."""
     script = textwrap.dedent(f"""
         import sys
         sys.modules["torch"] = None
         import numpy as np
         from qlfx.emit import tvm_runtime as runtime
         model = runtime.load({str(so)!r})
-        (y,) = model(np.load({str(tmp_path / 'x.npy')!r}))
-        expected = np.load({str(tmp_path / 'expected.npy')!r})
-        err = np.abs(y - expected).max() / np.abs(expected).max()
-        assert err < 2e-5, err
+        for x_file, expected_file in {[(str(a), str(b)) for a, b in batches.values()]!r}:
+            (y,) = model(np.load(x_file))
+            expected = np.load(expected_file)
+            err = np.abs(y - expected).max() / np.abs(expected).max()
+            assert err < 2e-5, err
         assert sys.modules["torch"] is None  # nothing managed to import torch
         assert "qlfx.api" not in sys.modules and "qlfx.ir" not in sys.modules
         print("ok", err)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    return result.stdout
+
+
+def _save_cases(model, inputs, folder: Path) -> dict:
+    cases = {}
+    for x in inputs:
+        b = x.shape[0]
+        np.save(folder / f"x{b}.npy", x.numpy())
+        with torch.no_grad():
+            np.save(folder / f"expected{b}.npy", model(x).numpy())
+        cases[b] = (folder / f"x{b}.npy", folder / f"expected{b}.npy")
+    return cases
+
+
+def test_export_loads_and_runs_without_torch(compiled_small, tmp_path):
+    model, compiled, x = compiled_small["eq3"]
+    module = compiled.to_tvm("llvm", progress=False)
+    so = module.export(tmp_path / "model.so")
+    meta = json.loads((tmp_path / "model.json").read_text())
+    assert so.exists() and meta["inputs"][0]["shape"] == [2, 3, 64, 64] and meta["num_outputs"] == 1
+    assert meta["version"] == 2 and [k["node"] for k in meta["kernels"]] == [n.name for n in _fused(compiled.graph_module)]
+    assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
+    _run_without_torch(so, _save_cases(model, [x], tmp_path))
+
+
+def test_dynamic_batch_export_loads_without_torch(tmp_path):
+    model = _small_model("pde")
+    x = torch.randn(1, 3, 32, 32)
+    module = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,), dynamic_batch=True).to_tvm(
+        "llvm", progress=False)
+    so = module.export(tmp_path / "dyn.so")
+    assert json.loads(so.with_suffix(".json").read_text())["inputs"][0]["shape"] == [None, 3, 32, 32]
+    _run_without_torch(so, _save_cases(model, [torch.randn(b, 3, 32, 32) for b in (1, 3, 8)], tmp_path))
 
 
 def test_cuda_build_contains_fused_kernel(compiled_small, tmp_path):
@@ -187,13 +297,25 @@ def test_cuda_build_contains_fused_kernel(compiled_small, tmp_path):
         pytest.skip("this tvm was built without the cuda code generator")
     model, compiled, x = compiled_small["eq3"]
     module = compiled.to_tvm({"kind": "cuda", "arch": "sm_90a"}, progress=False)
+    assert "sm_90a" in str(module.target)
     source = module.source()
     assert "__global__" in source
-    fused = [n for n in compiled.graph_module.graph.nodes if str(n.target) == "qlfx.branch_product.default"]
-    if fused and all(r.kernel.startswith("branch_product_") for r in module.kernels):
-        assert any(f"{r.kernel}_kernel" in source for r in module.kernels), module.kernels
+    assert len(module.kernels) == 4 and all(r.kernel.startswith("branch_product_") for r in module.kernels)
+    assert all(f"{r.kernel}_kernel" in source for r in module.kernels), module.kernels
     so = module.export(tmp_path / "cuda_model.so")
     assert so.stat().st_size > 0 and json.loads(so.with_suffix(".json").read_text())["device"] == "cuda"
     if not tvm.cuda(0).exist:
         with pytest.raises(RuntimeError, match="no such device"):
             module(x)
+    else:
+        with torch.no_grad():
+            _close(module(x), model(x))
+
+
+def test_make_target_fills_in_what_metaschedule_needs():
+    llvm = emit_tvm.make_target("llvm")
+    assert llvm.kind.name == "llvm" and int(llvm.attrs["num-cores"]) >= 1 and llvm.attrs["mcpu"]
+    cuda = emit_tvm.make_target("cuda")
+    assert cuda.kind.name == "cuda" and cuda.attrs["arch"] == "sm_90a" and cuda.host.kind.name == "llvm"
+    with pytest.raises(qlfx.UsageError, match="llvm .CPU. and cuda"):
+        emit_tvm.make_target({"kind": "metal"})

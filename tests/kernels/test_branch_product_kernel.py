@@ -124,6 +124,33 @@ def test_llvm_kernel_every_knob_value(kind):
         assert_matches_torch(spec, build_branch_product(spec, knobs=knobs), seed=hash(knobs) % 1000)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [BranchProductSpec(None, 24, 7, 9, 40, "pointwise", stride=2),
+     BranchProductSpec(None, 10, 7, 9, 40, "depthwise", has_bias_b=False)],
+    ids=lambda s: s.name(),
+)
+def test_symbolic_batch_kernel_runs_at_any_batch_size(spec):
+    """batch=None: one kernel for every batch size (graphs captured with dynamic_batch), scheduled with
+    the knobs of a static batch."""
+    assert spec.input_shape[0] is None and "_nany_" in spec.name()
+    static = spec.with_batch(3)
+    kernel = build_branch_product(spec, knobs=bp.default_llvm_knobs(static))
+    for batch in (1, 3, 8):
+        sized = spec.with_batch(batch)
+        problem = random_problem(sized, seed=batch)
+        got = kernel(*problem)
+        want = torch_reference(sized, *problem)
+        assert got.shape == want.shape == sized.output_shape
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * float(np.abs(want).max()))
+
+
+def test_symbolic_batch_cuda_kernel_builds():
+    spec = BranchProductSpec(None, 10, 7, 9, 40, "depthwise", stride=2)
+    source = build_branch_product(spec, cuda_target("sm_90a")).mod.imports[0].inspect_source()
+    assert len(_kernel_bodies(source)) == 1 and "blockIdx.x" in source
+
+
 def test_invalid_knobs_are_rejected_with_the_allowed_values():
     spec = BranchProductSpec(1, 16, 7, 7, 32, "pointwise")
     with pytest.raises(ValueError, match=r"p_tile=5 is not one of the allowed values \[7\]"):
@@ -224,6 +251,11 @@ def test_wellformed_json_that_is_not_a_record_is_reported(tmp_path):
     (tmp_path / tuning.WORKLOAD_FILE).write_text(json.dumps(["not", "a", "workload"]) + "\n")
     with pytest.raises(TuningDatabaseError, match="cannot be loaded by MetaSchedule.*Delete"):
         tune_branch_product(TINY, None, 1, str(tmp_path))
+
+
+def test_tuning_a_symbolic_batch_is_refused_with_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match=r"static batch size, e.g. spec.with_batch\(1\)"):
+        tune_branch_product(TINY.with_batch(None), None, 2, str(tmp_path))
 
 
 def test_cuda_tuning_without_a_gpu_runner_is_refused(tmp_path):

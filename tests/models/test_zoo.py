@@ -9,6 +9,7 @@ import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+import qlfx
 from qlfx.models import (
     DEFAULT_MODEL,
     ZOO,
@@ -32,16 +33,7 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-class RadialLeafTracer(torch.fx.Tracer):
-    """The qlfx convention: Hardball/Softball stay single call_module nodes."""
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, (Hardball, Softball)) or super().is_leaf_module(m, module_qualified_name)
-
-
-def trace(model: nn.Module) -> torch.fx.GraphModule:
-    graph = RadialLeafTracer().trace(model)
-    return torch.fx.GraphModule(model, graph)
+RADIAL_OPS = (torch.ops.qlfx.hardball.default, torch.ops.qlfx.softball.default)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,14 +296,15 @@ TRACE_CASES = {
 def test_traceable_and_traced_output_matches(name):
     torch.manual_seed(6)
     model = randomize_batchnorm(TRACE_CASES[name](), seed=6).eval()
-    gm = trace(model)
-    radial_nodes = [
-        n for n in gm.graph.nodes
-        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), (Hardball, Softball))
-    ]
-    if "relu" not in name and "hardtanh" not in name:
-        assert radial_nodes, "radial activations must be single leaf nodes in the trace"
     x = torch.randn(2, 3, 32, 32)
+    gm = qlfx.trace(model, (x,))
+    radial_nodes = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in RADIAL_OPS]
+    radial_modules = [m for m in model.modules() if isinstance(m, (Hardball, Softball))]
+    # each radial activation is one node of qlfx's custom op, with its radius as the argument
+    assert len(radial_nodes) == len(radial_modules)
+    assert [n.args[1] for n in radial_nodes] == [m.radius for m in radial_modules]
+    if "relu" not in name and "hardtanh" not in name:
+        assert radial_nodes, "radial activations must be single nodes in the capture"
     with torch.no_grad():
         y = model(x)
         assert y.shape == (2, 10)
@@ -319,14 +312,19 @@ def test_traceable_and_traced_output_matches(name):
         torch.testing.assert_close(gm(x), y, rtol=0, atol=0)
 
 
-def test_plain_symbolic_trace_works_on_tiny_models():
-    # Without the leaf convention, radial activations are inlined; tracing must still succeed.
-    for name in ("qlnet-tiny", "qlnet-eq3-tiny"):
-        model = randomize_batchnorm(create_model(name), seed=7).eval()
-        gm = torch.fx.symbolic_trace(model)
-        x = torch.randn(1, 3, 32, 32)
+@pytest.mark.parametrize("name", ["qlnet-tiny", "qlnet-eq3-tiny"])
+def test_tiny_models_capture_with_a_symbolic_batch_and_trace_symbolically(name):
+    """Both ways in: torch.export with a symbolic batch (runs at any batch size), and a plain
+    torch.fx.symbolic_trace (for other fx-based tools: the custom ops are single call_functions)."""
+    model = randomize_batchnorm(create_model(name), seed=7).eval()
+    gm = qlfx.trace(model, (torch.randn(1, 3, 32, 32),), dynamic_batch=True)
+    plain = torch.fx.symbolic_trace(model)
+    assert any(n.target in (torch.ops.qlfx.hardball, torch.ops.qlfx.softball) for n in plain.graph.nodes)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 32, 32)
         with torch.no_grad():
             torch.testing.assert_close(gm(x), model(x))
+            torch.testing.assert_close(plain(x), model(x))
 
 
 def test_qlnet50_forward_shape_at_224():

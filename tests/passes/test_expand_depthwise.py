@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import qlfx
+from qlfx import ir
 from qlfx.models import qlnet, randomize_batchnorm
 
 
@@ -26,8 +27,11 @@ def test_expand_depthwise_is_equivalent_and_leaves_pure_depthwise_alone(multipli
     compiled = qlfx.compile(model, passes="fold-bn,expand-depthwise", example_inputs=(x,))
     row = compiled.report.rows[-1]
     assert row.pass_name == "expand-depthwise" and len(row.result.rewrites) == 1  # `pure` untouched
-    convs = [n for n in compiled.graph_module.graph.nodes if n.target is torch.conv2d]
-    assert [n.args[6] for n in convs] == [6 * multiplier, 6 * multiplier]
+    gm = compiled.graph_module
+    convs = [ir.ConvCall.of(n) for n in gm.graph.nodes if ir.ConvCall.of(n) is not None]
+    assert [c.groups for c in convs] == [6 * multiplier, 6 * multiplier]
+    (repeat,) = [n for n in gm.graph.nodes if ir.is_op(n, torch.ops.aten.repeat_interleave)]
+    assert convs[0].input is repeat and ir.op_args(repeat)["repeats"] == multiplier
     with torch.no_grad():
         ref = model(x)
     assert (compiled(x) - ref).abs().max() <= 1e-5 * ref.abs().max()

@@ -10,7 +10,7 @@ from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
 from passtools import rel_error
 from qlfx import ir
 from qlfx.models import randomize_batchnorm
-from qlfx.passes.slice import count_macs
+from qlfx.debug import count_macs
 from qlfx.symmetry import analyze
 
 

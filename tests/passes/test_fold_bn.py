@@ -1,17 +1,22 @@
 """fold-bn: every zoo model, and batchnorm in odd places, on random weights and random BN statistics."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import qlfx
+from qlfx import ir
 from qlfx.models import create_model, qlnet, qlnet_eq3, randomize_batchnorm
-from qlfx.verify import Tolerance, check_equivalence
+
+aten = torch.ops.aten
 
 
 def _bn_nodes(gm):
-    return [n for n in gm.graph.nodes if n.target is F.batch_norm or
-            (n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.modules.batchnorm._BatchNorm))]
+    """Every batchnorm op left: the canonical eval form, and any other ATen batchnorm overload."""
+    return [n for n in gm.graph.nodes if ir.is_op(n, ir.BATCH_NORM, aten.native_batch_norm,
+                                                  aten._native_batch_norm_legit, aten._native_batch_norm_legit_functional,
+                                                  aten._native_batch_norm_legit_no_training)]
 
 
 def _fold(model, x, passes="fold-bn,constant-fold,dce"):
@@ -61,7 +66,7 @@ def test_eq3_shared_kernel_bn_goes_through_the_product_and_stays_shared():
     rewrites = compiled.report.rows[1].result.rewrites
     assert sum("through product" in r for r in rewrites) == 4
     gm = compiled.graph_module
-    assert sum(1 for n in gm.graph.nodes if n.op == "call_method" and n.target == "repeat") == 4
+    assert sum(1 for n in gm.graph.nodes if ir.is_op(n, aten.repeat.default)) == 4
     assert (compiled(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
 
 
@@ -138,8 +143,28 @@ class TrainingBN(nn.Module):
         return self.bn(self.conv(x))
 
 
+class FunctionalBN(nn.Module):
+    """F.batch_norm on the module's own buffers (eps 1e-3), a numpy-scalar scale before it,
+    and an in-place residual ``y += x`` after it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.register_buffer("mean", torch.linspace(-0.5, 0.5, 3))
+        self.register_buffer("var", torch.linspace(0.5, 2.0, 3))
+        self.weight = nn.Parameter(torch.tensor([1.5, -0.7, 0.9]))
+        self.bias = nn.Parameter(torch.tensor([0.1, -0.2, 0.3]))
+
+    def forward(self, x):
+        y = F.batch_norm(self.conv(x * np.float32(0.5)), self.mean, self.var, self.weight, self.bias, False, 0.0,
+                         1e-3)
+        y += x
+        return torch.relu_(y)
+
+
 @pytest.mark.parametrize("cls,shape", [(BNFirst, (2, 3, 9, 7)), (BNBetweenConvs, (2, 3, 8, 8)),
-                                       (BNIntoProduct, (2, 4, 6, 6)), (GroupedBNBefore, (2, 8, 5, 5))])
+                                       (BNIntoProduct, (2, 4, 6, 6)), (GroupedBNBefore, (2, 8, 5, 5)),
+                                       (FunctionalBN, (2, 3, 5, 5))])
 def test_batchnorm_in_odd_places_folds_exactly(cls, shape):
     x = torch.randn(shape)
     model, compiled, ref = _fold(cls(), x)
@@ -180,3 +205,26 @@ def test_padding_shift_is_not_a_constant_bias():
     assert (naive - true).abs().max() > 1e-3  # a naive fold would be caught
     compiled = qlfx.compile(model, passes="fold-bn", example_inputs=(x,))
     assert (compiled(x)[:, :8] - true).abs().max() <= 1e-4 * true.abs().max()
+
+
+def test_bn_after_a_channel_concatenation_of_convs_folds_into_each_piece():
+    """MixNet's mixed kernels: split -> convs of different sizes -> cat -> BN. BN acts per channel, so
+    each piece's conv takes its own channels' scale and shift."""
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = torch.nn.ModuleList([torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+                                              torch.nn.Conv2d(3, 2, 5, padding=2)])
+            self.bn = torch.nn.BatchNorm2d(6)
+            self.head = torch.nn.Conv2d(6, 3, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(torch.cat([c(x) for c in self.convs], 1))))
+
+    model = randomize_batchnorm(Mixed(), seed=4).eval()
+    x = torch.randn(2, 3, 8, 8)
+    compiled = qlfx.compile(model, "fold-bn", example_inputs=(x,))
+    assert not any(n.target is torch.ops.aten.batch_norm.default for n in compiled.graph_module.graph.nodes)
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+    assert compiled.report.rows[1].result.rewrites == ["bn into convs_0, convs_1"]

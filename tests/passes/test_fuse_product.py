@@ -1,6 +1,7 @@
 """fuse-product and the qlfx::branch_product op it emits."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.fx as fx
@@ -348,3 +349,122 @@ def test_rewrite_limit_for_bisection():
     assert sum("rewrite limit" in s.reason for s in result.skipped) == 3
     with torch.no_grad():
         assert compare_tensor(model(x), gm(x), Tolerance()).passed
+
+
+# ------------------------------------------------------------------ slices however the user wrote them
+SPELLINGS = {
+    "index": lambda z, m: (z[:, :m], z[:, m:]),
+    "chunk": lambda z, m: z.chunk(2, 1),
+    "chunk-dim-minus-3": lambda z, m: z.chunk(2, dim=-3),
+    "split": lambda z, m: torch.split(z, m, dim=1),
+    "split-sizes": lambda z, m: z.split([m, m], 1),
+    "tensor_split": lambda z, m: torch.tensor_split(z, 2, dim=1),
+    "narrow": lambda z, m: (z.narrow(1, 0, m), z.narrow(1, m, m)),
+    "shape-arithmetic": lambda z, m: (z[:, : z.shape[1] // 2], z[:, z.shape[1] // 2:]),
+    "size-call": lambda z, m: (z[:, : z.size()[1] // 2], z[:, z.size()[1] // 2:]),
+    "numpy-scalar": lambda z, m: (z[:, : np.int64(z.shape[1]) // 2], z[:, np.int64(z.shape[1]) // 2:]),
+    "negative-bounds-swapped": lambda z, m: (z[:, -m:], z[:, :-m]),
+    "slice-of-slice": lambda z, m: (z[:, 1:][:, :m], z[:, m:][:, :m]),
+    "step": lambda z, m: (z[:, 0::2], z[:, 1::2]),
+}
+
+
+class SlicedProduct(nn.Module):
+    """z = BN(conv1x1(u)) with 2M outputs; two equal-width row sets of z multiplied, written ``spelling``."""
+
+    def __init__(self, spelling, c=3, m=5):
+        super().__init__()
+        self.conv = nn.Conv2d(c, 2 * m, 1)
+        self.bn = nn.BatchNorm2d(2 * m)
+        self.spelling, self.m = spelling, m
+
+    def forward(self, u):
+        a, b = SPELLINGS[self.spelling](self.bn(self.conv(u)), self.m)
+        return a * b
+
+
+def _folded_conv(model: SlicedProduct) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN(conv(u)) as one conv's (W, c), computed here (not by fold-bn)."""
+    bn = model.bn
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    return model.conv.weight * s.view(-1, 1, 1, 1), (model.conv.bias - bn.running_mean) * s + bn.bias
+
+
+@pytest.mark.parametrize("spelling", list(SPELLINGS))
+def test_every_slice_spelling_is_fused_with_the_right_rows(spelling):
+    model = randomize(SlicedProduct(spelling), seed=6)
+    x = torch.randn(2, 3, 6, 6)
+    compiled = compile_and_check(model, x)
+    gm = compiled.graph_module
+    (node,) = fused_nodes(gm)
+    assert not products(gm) and not fuse_result(compiled).skipped
+    # which rows: the same spelling applied to the row numbers themselves
+    rows = [r.flatten().long() for r in SPELLINGS[spelling](torch.arange(10.0).view(1, 10, 1, 1), 5)]
+    w, c = _folded_conv(model)
+    wa, ba, wb, bb = (qlfx.ir.get_tensor(gm, n) for n in node.args[1:5])
+    torch.testing.assert_close(wa, w[rows[0]].detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ba, c[rows[0]].detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(wb, w[rows[1]].detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(bb, c[rows[1]].detach(), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spelling", ["index", "chunk", "shape-arithmetic", "step"])
+def test_slices_fuse_under_a_symbolic_batch(spelling):
+    """With dynamic_batch, ``z[:, :M]`` also slices dim 0 whole (``slice(z, 0, 0, INT64_MAX)``)."""
+    model = randomize(SlicedProduct(spelling), seed=7)
+    x = torch.randn(2, 3, 6, 6)
+    compiled = qlfx.compile(model, PIPELINE, example_inputs=(x,), dynamic_batch=True)
+    assert len(fused_nodes(compiled.graph_module)) == 1
+    with torch.no_grad():
+        for batch in (1, 3):
+            xi = torch.randn(batch, 3, 6, 6)
+            assert compare_tensor(model(xi), compiled(xi), Tolerance()).passed
+
+
+class SpatialSlices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+
+    def forward(self, u):
+        z = self.conv(u)
+        return z[..., :3] * z[..., 3:]
+
+
+class GroupedRows(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 8, 1, groups=2)
+
+    def forward(self, u):
+        a, b = self.conv(u).chunk(2, 1)
+        return a * b
+
+
+@pytest.mark.parametrize("model,shape,reason", [
+    (SpatialSlices(), (1, 3, 5, 6), "along another axis than the channels"),
+    (GroupedRows(), (1, 4, 5, 5), "slices the grouped conv"),
+], ids=["spatial", "grouped"])
+def test_slices_that_are_not_conv_rows_are_refused_with_reason(model, shape, reason):
+    model = randomize(model, seed=2)
+    compiled = compile_and_check(model, torch.randn(shape))
+    assert not fused_nodes(compiled.graph_module)
+    (skip,) = fuse_result(compiled).skipped
+    assert reason in skip.reason, skip
+
+
+class LayerScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 4).view(4, 1, 1))
+
+    def forward(self, u):
+        return self.conv(u) * self.gamma * 2.0
+
+
+def test_scaling_by_a_constant_is_no_product_and_no_noise():
+    model = randomize(LayerScale(), seed=1)
+    compiled = compile_and_check(model, torch.randn(1, 3, 4, 4))
+    result = fuse_result(compiled)
+    assert not result.changed and not result.skipped

@@ -2,20 +2,23 @@
 
 Each reparameterisable block in tests/blocks.py has its own ``reparameterize()`` (written the way the
 RepVGG authors do it, independent of the pass): the merged graph must hold *that* conv (weights and
-bias) and compute the same outputs, with exactly one conv per block.
+bias) and compute the same outputs, with exactly one conv per block. timm's own RepVGG, MobileOne and
+FastViT must come out with no more convs than timm's deploy form.
 """
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
 import torch.nn as nn
 
 import qlfx
-import qlfx.passes.merge_parallel  # noqa: F401  (registers the pass until passes/__init__ imports it)
-from blocks import (ACBlock, ConvBN, ConvNet, MobileOneBlock, RepVGGBlock, UncentredParallel, count_convs,
-                    randomize)
+from blocks import (ACBlock, ConvBN, ConvNet, MobileOneBlock, NestedBranches, RepMixer, RepVGGBlock,
+                    UncentredParallel, count_convs, randomize)
 from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
 from qlfx import ir
+from qlfx.models import randomize_batchnorm
 from qlfx.pass_manager import PassContext, get_pass
 
 PIPELINES = ["fold-bn,merge-parallel,dce", "merge-parallel,dce"]  # the second folds branch BNs locally
@@ -28,7 +31,13 @@ CASES = {
     "mobileone-dense": (lambda: MobileOneBlock(5, branches=2, depthwise=False), (1, 5, 6, 6)),
     "acnet-asymmetric": (lambda: ACBlock(3, 5, stride=2), (1, 3, 9, 9)),
     "uncentred-1x1": (lambda: UncentredParallel(4), (1, 4, 6, 6)),
+    "fastvit-repmixer": (lambda: RepMixer(6), (2, 6, 7, 7)),
+    "nested-signed-scaled": (lambda: NestedBranches(4), (1, 4, 6, 5)),
 }
+
+
+def _merge_row(compiled):
+    return next(r for r in compiled.report.rows if r.pass_name == "merge-parallel")
 
 
 def _single_conv(gm) -> tuple[torch.Tensor, torch.Tensor, ir.ConvCall]:
@@ -46,7 +55,7 @@ def test_block_merges_to_its_own_reparameterisation(case, pipeline):
     x = torch.randn(shape)
     compiled = qlfx.compile(block, pipeline, (x,))
     gm = compiled.graph_module
-    assert not any(n.target is torch.nn.functional.batch_norm for n in gm.graph.nodes)
+    assert not any(ir.is_op(n, ir.BATCH_NORM) for n in gm.graph.nodes)
     weight, bias, conv = _single_conv(gm)
     reference = block.reparameterize()
     torch.testing.assert_close(weight, reference.weight, atol=1e-6, rtol=1e-5)
@@ -148,3 +157,84 @@ def test_float64_model():
     weight, _, _ = _single_conv(compiled.graph_module)
     assert weight.dtype == torch.float64
     torch.testing.assert_close(compiled(x), block(x), atol=1e-12, rtol=1e-10)
+
+
+def test_report_counts_sites_and_remaining_convs():
+    spec = [("repvgg", 8, 1, "relu"), ("mobileone", 8, 1, "relu"), ("bottleneck", 8, 1, "relu")]
+    net = randomize(ConvNet(spec, stem=8), seed=8)
+    x = torch.randn(1, 3, 10, 10)
+    before = count_convs(qlfx.trace(net, (x,)))
+    compiled = qlfx.compile(net, "fold-bn,merge-parallel,dce", (x,))
+    result = _merge_row(compiled).result
+    remaining = count_convs(compiled.graph_module)
+    # repvgg: 3x3 + 1x1 + BN identity; mobileone: two 3x3 + 1x1 + BN identity
+    assert result.stats == {"sites": 2, "branches": 3 + 4, "convs_before": before, "convs": remaining}
+    assert remaining == before - 1 - 2
+    assert f"merged 2 site(s) of 7 parallel branches; {remaining} conv(s) remain (from {before})" in result.notes
+    assert len(result.rewrites) == 2
+
+
+class ScaledSum(nn.Module):
+    """gamma * (a(x) + c(z) + b(x)) + pos + 0.5: a and b merge; c(z) (another input) stays a term and keeps
+    its per-channel scale; the positional map (not per-channel) stays a term; 0.5 joins the merged bias."""
+
+    def __init__(self, c=4, size=5):
+        super().__init__()
+        self.pre = ConvBN(c, c, 1, act="relu")
+        self.a, self.b, self.c = ConvBN(c, c, 3), nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(-1.0, 2.0, c).view(1, c, 1, 1))
+        self.pos = nn.Parameter(torch.linspace(-1.0, 1.0, c * size * size).view(1, c, size, size))
+
+    def forward(self, x):
+        z = self.pre(x)
+        return self.gamma * (self.a(x) + self.c(z) + self.b(x)) + self.pos + 0.5
+
+
+def test_scaled_sum_keeps_other_terms_with_their_scale():
+    model = randomize(ScaledSum(), seed=9)
+    x = torch.randn(2, 4, 5, 5)
+    compiled = qlfx.compile(model, "fold-bn,merge-parallel,dce", (x,))
+    assert count_convs(compiled.graph_module) == 3  # pre, merged(a+b), c
+    assert _merge_row(compiled).result.stats["sites"] == 1
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-4)
+    # the scale of c(z) matters: dropping it would be caught
+    with torch.no_grad():
+        z = model.pre(x)
+        wrong = model.gamma * (model.a(x) + model.b(x)) + model.c(z) + model.pos + 0.5
+    assert not torch.allclose(compiled(x), wrong, atol=1e-2)
+
+
+# ----------------------------------------------------------------------- timm's reparameterisable nets
+TIMM_MODELS = ["repvgg_a0", "mobileone_s0", "fastvit_t8"]
+
+
+def _randomize_layer_scales(model: nn.Module, seed: int) -> None:
+    """FastViT's layer scales start at 1e-5, which would hide a wrong token-mixer merge below the
+    tolerance: give them random values of order 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(torch.empty(p.shape).uniform_(0.5, 1.5, generator=gen))
+
+
+@pytest.mark.parametrize("name", TIMM_MODELS)
+def test_timm_models_reach_their_deploy_conv_count(name):
+    """Written by others (timm): RepVGG, MobileOne (k over-parameterised branches + 1x1 + BN identity) and
+    FastViT (RepMixer token mixers x + gamma * (mixer(x) - norm(x)), RepCPE, large-kernel convs) come out
+    of the default pipeline with at most as many convs as timm's own reparameterisation."""
+    timm = pytest.importorskip("timm")
+    from timm.utils.model import reparameterize_model
+
+    model = randomize_batchnorm(timm.create_model(name, pretrained=False), seed=3).eval()
+    _randomize_layer_scales(model, seed=4)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    deploy = reparameterize_model(copy.deepcopy(model))
+    deploy_convs = count_convs(qlfx.trace(deploy, (x,)))
+    compiled = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, (x,), verify_inputs=1)
+    result = _merge_row(compiled).result
+    assert count_convs(compiled.graph_module) <= deploy_convs, result.skipped
+    assert result.stats["sites"] > 0 and result.stats["convs"] <= deploy_convs
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(compiled(x), ref, atol=1e-4 * float(ref.abs().max()), rtol=0)

@@ -88,9 +88,9 @@ def test_rebalance_closed_form_on_two_linear_layers():
     x = torch.randn(3, 5)
     gm = qlfx.compile(model, None, example_inputs=(x,)).graph_module
     new, _ = _run(gm, x, sweeps=1)
-    lin = [n for n in new.graph.nodes if n.target is torch.nn.functional.linear]
-    row = ir.get_tensor(new, lin[0].args[1]).norm(dim=1)
-    col = ir.get_tensor(new, lin[1].args[1]).norm(dim=0)
+    lin = [ir.LinearCall.of(n) for n in new.graph.nodes if ir.LinearCall.of(n) is not None]
+    row = ir.get_tensor(new, lin[0].weight).norm(dim=1)
+    col = ir.get_tensor(new, lin[1].weight).norm(dim=0)
     assert torch.allclose(row, col, rtol=1e-5)
     with torch.no_grad():
         assert _rel(gm(x), new(x)) <= 1e-5

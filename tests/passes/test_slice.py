@@ -1,18 +1,25 @@
 """slice: PCA rotation + deletion of stream directions within a relative output-error budget."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import qlfx
 import qlfx.passes.slice  # noqa: F401  (registers the pass before passes/__init__ lists it)
 from qlfx import ir
+from qlfx.debug import count_macs
 from qlfx.errors import UsageError
 from qlfx.models import Hardball, Softball, create_model, randomize_batchnorm
-from qlfx.passes.slice import count_macs
+from qlfx.pass_manager import PassContext, PassManager
+from qlfx.symmetry import analyze
+from qlfx.symmetry.slicing import Runner, channel_moments
+
+aten = torch.ops.aten
 
 
 class CorrelatedStream(nn.Module):
@@ -49,6 +56,17 @@ def _slice(model, options: str, calibration, example_batch=8, **kw):
     return c, next(r for r in c.report.rows if r.pass_name == "slice")
 
 
+def _run(gm, x, batch):
+    """gm on x in chunks of ``batch`` samples (a captured graph specialises its example's batch size); a
+    shorter tail is taken from the last full chunk, x[-batch:]."""
+    with torch.no_grad():
+        whole = len(x) // batch * batch
+        out = [gm(chunk) for chunk in x[:whole].split(batch)]
+        if whole < len(x):
+            out.append(gm(x[-batch:])[whole - len(x):])
+        return torch.cat(out)
+
+
 def _error(ref_model, gm, x) -> float:
     with torch.no_grad():
         ref, new = ref_model(x), gm(x)
@@ -76,7 +94,7 @@ def test_slice_respects_budget_and_shrinks_channels_on_zoo_model():
     model = randomize_batchnorm(create_model("qlnet-tiny"), seed=5).eval()
     cal = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     budget = 0.05
-    folded = qlfx.compile(model, "fold-bn,dce", example_inputs=(cal[:8],)).graph_module
+    folded = qlfx.compile(model, "fold-bn,dce", example_inputs=(cal[:8],)).graph_module.eval()
     c, row = _slice(folded, f"budget={budget};granularity=0.25", cal)  # default: also 2 random inputs, as verified
     stats = row.result.stats
     assert stats["error"] <= budget
@@ -102,22 +120,20 @@ def test_radius_is_kept_at_its_original_value():
     (sid, kept), = row.result.stats["keep"].items()
     assert kept < 16
     gm = c.graph_module
-    radial = [gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"]
-    assert all(isinstance(m, Softball) for m in radial)
-    assert radial and all(m.radius == pytest.approx(math.sqrt(16)) for m in radial)
+    radial = [n for n in gm.graph.nodes if ir.is_op(n, torch.ops.qlfx.softball)]
+    assert radial and all(ir.op_args(n)["radius"] == pytest.approx(math.sqrt(16)) for n in radial)
+    assert all(ir.channels(n) == kept for n in radial)
 
 
 def test_keep_option_sets_exact_channel_counts_for_both_methods():
     model = CorrelatedStream(radius=3.0).eval()
     cal = _calibration()
-    gm = qlfx.compile(model, "dce", example_inputs=(cal[:8],)).graph_module
-    from qlfx.symmetry import analyze
-
+    gm = qlfx.compile(model, "dce", example_inputs=(cal[:8],)).graph_module.eval()
     sid = next(s.id for s in analyze(gm).spaces if s.group.value == "O")
     for method in ("pca", "magnitude"):
         c, row = _slice(gm, f"budget=1e30;method={method};keep={sid}:5;random_inputs=0", cal, verify_inputs=0)
         assert row.result.stats["keep"] == {sid: 5}
-        convs = [n for n in c.graph_module.graph.nodes if n.target is torch.conv2d]
+        convs = [n for n in c.graph_module.graph.nodes if ir.is_op(n, aten.conv2d)]
         assert [ir.shape(n)[1] for n in convs] == [5, 5]  # conv_in writes 5 channels, conv_out still 5 outputs
         assert ir.get_tensor(c.graph_module, convs[1].args[1]).shape[1] == 5
 
@@ -134,10 +150,8 @@ def test_deleting_tied_product_channels_equals_zeroing_them():
     zeroed (then z1_j = z2_j = 0, p_j = 0, and y's channels 2j, 2j+1 carry only the dw bias, zeroed too)."""
     model = randomize_batchnorm(create_model("qlnet-tiny"), seed=11).eval()
     x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(4))
-    folded = qlfx.compile(model, "fold-bn,dce", example_inputs=(x[:4],)).graph_module
-    folded = qlfx.compile(folded, "dce", example_inputs=(x[:4],)).graph_module  # node names stable under retrace
-    from qlfx.symmetry import analyze
-
+    folded = qlfx.compile(model, "fold-bn,dce", example_inputs=(x[:4],)).graph_module.eval()
+    folded = qlfx.compile(folded, "dce", example_inputs=(x[:4],)).graph_module.eval()  # names stable under retrace
     report = analyze(folded)
     # the last block's hidden unit: the tie class of its product p = z1 * z2
     product = [n for n in folded.graph.nodes if report.node_kinds.get(n.name) == "product"][-1]
@@ -168,9 +182,9 @@ def test_deleting_tied_product_channels_equals_zeroing_them():
         outs = torch.tensor([j * k + r for j in dropped for r in range(k)])
         if dw.bias is not None:
             ir.get_tensor(ref, dw.bias)[outs] = 0
-        expected, got = ref(x), gm(x)
+    expected, got = _run(ref, x, 4), _run(gm, x, 4)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
-    assert not torch.allclose(got, folded(x), rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+    assert not torch.allclose(got, _run(folded, x, 4), rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
 
 
 class ReluStream(nn.Module):
@@ -261,8 +275,7 @@ def test_refit_reproduces_the_reference_reader_output_from_the_sliced_input():
     c, row = _slice(model, "budget=1e30;method=magnitude;keep=1:5/2:5;random_inputs=0", cal, verify_inputs=0)
     assert row.result.stats["keep"] == {1: 5, 2: 5}
     gm = c.graph_module
-    reader = next(n for n in gm.graph.nodes if n.op == "call_function" and n.target is torch.conv2d
-                  and ir.get_tensor(gm, n.args[1]).shape[0] == 3)
+    reader = next(n for n in gm.graph.nodes if ir.is_op(n, aten.conv2d) and ir.get_tensor(gm, n.args[1]).shape[0] == 3)
     x_new, _ = _inputs_of(gm, reader.args[0].name, cal)
     with torch.no_grad():
         target = model(cal)  # the reference reader's output is the network output
@@ -354,3 +367,154 @@ def test_target_macs_stops_the_search_at_a_cost():
     assert after == count_macs(c.graph_module)
     # one deletion step (1 of 16 channels) past the target at most
     assert full // 2 - full / 16 <= after <= full // 2, (after, full)
+
+
+class FlattenHead(nn.Module):
+    """conv 3x3 (3 -> 12) -> BN -> hardball (radius sqrt(C)) -> 2x2 average pool -> flatten -> linear
+    (48 -> 5): the stream is read through a flatten, which the graph holds as aten.view(x, [batch, 48])."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.bn = nn.BatchNorm2d(12)
+        self.act = Hardball()
+        self.fc = nn.Linear(12 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.avg_pool2d(self.act(self.bn(self.conv(x))), 2), 1))
+
+
+def test_runner_runs_a_batch_specialised_graph_on_sets_of_any_size():
+    model = randomize_batchnorm(FlattenHead(), seed=3).eval()
+    x = torch.randn(22, 3, 4, 4, generator=torch.Generator().manual_seed(6))
+    gm = qlfx.trace(model, (x[:4],))
+    view = next(n for n in gm.graph.nodes if ir.is_op(n, aten.view))
+    assert list(ir.op_args(view)["size"]) == [4, 48]  # the batch is baked in: gm(x) itself fails
+    with pytest.raises(RuntimeError):
+        gm(x)
+    runner = Runner((x[:4],), dynamic_batch=False)
+    assert [real for _, real in runner.chunks((x,))] == [4, 4, 4, 4, 4, 2]
+    (out,) = runner.outputs(gm, (x,))
+    with torch.no_grad():
+        assert torch.allclose(out, model(x).double(), atol=1e-5)
+        act = model.act(model.bn(model.conv(x))).double()
+    rows = act.movedim(1, -1).reshape(-1, 12)
+    moments, energies = channel_moments(runner, gm, [(x,)], {"act": ("stream", 1)}, {"act"})
+    assert torch.allclose(moments["stream"], rows.T @ rows / len(rows), atol=1e-5)
+    assert torch.allclose(energies["act"], (rows * rows).mean(0), atol=1e-5)
+
+
+@pytest.mark.parametrize("dynamic_batch", [False, True])
+def test_slice_resizes_a_flatten_and_calibrates_at_any_batch(dynamic_batch):
+    """The unit reaches the linear head through a flatten: the view's size shrinks with the channels,
+    the default radius stays sqrt(12), and calibration of 150 samples runs on a graph captured at batch 4."""
+    model = randomize_batchnorm(FlattenHead(), seed=3).eval()
+    x = torch.randn(150, 3, 4, 4, generator=torch.Generator().manual_seed(6))
+    folded = qlfx.compile(model, "fold-bn", example_inputs=(x[:4],), dynamic_batch=dynamic_batch).graph_module
+    budget = 0.05
+    p = qlfx.get_pass("slice", budget=budget, random_inputs=0)
+    ctx = PassContext(example_inputs=(x[:4],), calibration=[(x,)], dynamic_batch=dynamic_batch)
+    gm, result = PassManager([p], verify=False).apply(p, folded, ctx)
+    (uid, kept), = result.stats["keep"].items()
+    assert kept < 12 and result.stats["spaces"][uid]["rotated"]
+    view = next(n for n in gm.graph.nodes if ir.is_op(n, aten.view))
+    assert ir.shape(view)[1] == kept * 4
+    (radial,) = [n for n in gm.graph.nodes if ir.is_op(n, torch.ops.qlfx.hardball)]
+    assert ir.op_args(radial)["radius"] == pytest.approx(math.sqrt(12))
+    with torch.no_grad():
+        ref = model(x)
+        new = gm(x) if dynamic_batch else _run(gm, x, 4)
+    error = float((new - ref).abs().max() / ref.abs().max())
+    assert error <= budget
+    assert error == pytest.approx(result.stats["error"], rel=1e-3, abs=1e-6)
+    assert result.stats["macs_after"] == count_macs(gm) < result.stats["macs_before"]
+
+
+@pytest.mark.parametrize("split", ["chunk", "split", "tensor_split", "narrow", "index"])
+def test_tied_halves_written_any_way_lose_the_same_channels(split):
+    """conv (4 -> 16) -> BN -> two halves (however written: one aten.slice each) -> product -> conv
+    (8 -> 3): deleting base channels j removes conv rows j and 8 + j; the result equals the folded graph
+    with those rows zeroed."""
+
+    class Gated(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(4, 16, 1, bias=False)
+            self.bn = nn.BatchNorm2d(16)
+            self.conv2 = nn.Conv2d(8, 3, 1)
+
+        def forward(self, x):
+            h = self.bn(self.conv1(x))
+            if split == "chunk":
+                a, b = h.chunk(2, dim=1)
+            elif split == "split":
+                a, b = torch.split(h, 8, dim=1)
+            elif split == "tensor_split":
+                a, b = torch.tensor_split(h, 2, dim=1)
+            elif split == "narrow":
+                a, b = h.narrow(1, 0, 8), h.narrow(1, 8, 8)
+            else:
+                c = h.size()[1] // 2
+                a, b = h[:, :c], h[:, c:]
+            return self.conv2(a * b)
+
+    model = randomize_batchnorm(Gated(), seed=7).eval()
+    x = _calibration((16, 4, 5, 5), seed=3)
+    folded = qlfx.compile(model, "fold-bn", example_inputs=(x[:8],)).graph_module.eval()
+    report = analyze(folded)
+    product = next(n for n in folded.graph.nodes if report.node_kinds.get(n.name) == "product")
+    uid = min(sid for sid, _ in report.ties[report.spaces[report.spaces_of(product.name)[0]].tie])
+    c, row = _slice(folded, f"budget=1e30;method=magnitude;keep={uid}:6;random_inputs=0;compensate=false", x,
+                    verify_inputs=0)
+    dropped = row.result.stats["dropped"][uid]
+    assert len(dropped) == 2
+    gm = c.graph_module
+    slices = [ir.ChannelSlice.of(n) for n in gm.graph.nodes if ir.is_op(n, aten.slice)]
+    assert sorted((s.start, s.stop) for s in slices) == [(0, 6), (6, 12)]
+    ref = ir.copy_graph_module(folded)
+    conv1 = ir.ConvCall.of(next(n for n in ref.graph.nodes if ir.is_op(n, aten.conv2d)))
+    with torch.no_grad():
+        rows = torch.tensor(dropped + [j + 8 for j in dropped])
+        ir.get_tensor(ref, conv1.weight)[rows] = 0
+        ir.get_tensor(ref, conv1.bias)[rows] = 0
+        expected, got = ref(x[:8]), gm(x[:8])
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6 * float(expected.abs().max()))
+    assert not torch.allclose(got, folded(x[:8]), rtol=1e-3)
+
+
+class ShiftScale(nn.Module):
+    """conv 1x1 (4 -> 8, no bias) -> + shift (per channel) -> ReLU -> * scale (per channel) -> conv 1x1
+    (8 -> 3): two per-channel constants inside one unit (the ReLU stream and the scaled stream, tied)."""
+
+    def __init__(self):
+        super().__init__()
+        gen = torch.Generator().manual_seed(12)
+        self.a = nn.Conv2d(4, 8, 1, bias=False)
+        self.b = nn.Conv2d(8, 3, 1)
+        self.shift = nn.Parameter(torch.randn(1, 8, 1, 1, generator=gen))
+        self.scale = nn.Parameter(torch.rand(1, 8, 1, 1, generator=gen) + 0.5)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x) + self.shift) * self.scale)
+
+
+def test_per_channel_constants_lose_the_deleted_entries():
+    model = ShiftScale().eval()
+    x = _calibration((16, 4, 5, 5), seed=8)
+    gm = qlfx.trace(model, (x[:8],)).eval()
+    report = analyze(gm)
+    assert {"add-constant", "mul-constant"} <= set(report.node_kinds.values())
+    c, row = _slice(gm, "budget=1e30;method=magnitude;keep=1:5;random_inputs=0;compensate=false", x, verify_inputs=0)
+    dropped = row.result.stats["dropped"][1]
+    assert len(dropped) == 3 and row.result.stats["keep"] == {1: 5}
+    sliced = c.graph_module
+    constants = [ir.get_tensor(sliced, a) for n in sliced.graph.nodes if ir.is_op(n, aten.add, aten.mul)
+                 for a in n.args if ir.is_constant(a)]
+    assert sorted(tuple(t.shape) for t in constants) == [(1, 5, 1, 1), (1, 5, 1, 1)]
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        reference.a.weight[dropped] = 0
+        reference.shift[:, dropped] = 0
+        expected = reference(x[:8])
+        assert torch.allclose(sliced(x[:8]), expected, atol=1e-6 * float(expected.abs().max()))
+        assert not torch.allclose(model(x[:8]), expected, atol=1e-3)

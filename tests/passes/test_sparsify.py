@@ -8,6 +8,7 @@ import qlfx
 import qlfx.passes.sparsify as sparsify_module  # registers the pass before passes/__init__ lists it
 from qlfx import ir
 from qlfx.models import create_model, randomize_batchnorm
+from qlfx.pass_manager import PassContext, PassManager, parse_pipeline
 from qlfx.passes.sparsify import _structural_zeros, weight_storage
 from qlfx.verify import Tolerance, check_equivalence
 
@@ -19,15 +20,20 @@ EXPECTED_ZEROS = {"qlnet-tiny": 2632, "qlnet-eq3-tiny": 2016}
 
 @pytest.fixture(scope="module", params=sorted(EXPECTED_ZEROS))
 def folded(request):
-    """(name, BN-folded graph) with random weights and random BN statistics."""
+    """(name, BN-folded graph) with random weights and random BN statistics, any batch size."""
     model = randomize_batchnorm(create_model(request.param), seed=7).eval()
-    c = qlfx.compile(model, "fold-bn,constant-fold,dce", example_inputs=(torch.randn(2, 3, 32, 32),))
+    c = qlfx.compile(model, "fold-bn,constant-fold,dce", example_inputs=(torch.randn(2, 3, 32, 32),),
+                     dynamic_batch=True)
     return request.param, c.graph_module
 
 
 def _run_sparsify(gm, options: str):
-    c = qlfx.compile(gm, f"sparsify<{options}>", example_inputs=(torch.randn(2, 3, 32, 32),))
-    return c, c.report.rows[-1].result
+    """sparsify<options> on the graph through the pass manager (its equivalence check included)."""
+    ctx = PassContext(example_inputs=(torch.randn(2, 3, 32, 32),), dynamic_batch=True)
+    new, report = PassManager(parse_pipeline(f"sparsify<{options}>")).run(gm, ctx)
+    row = report.rows[-1]
+    assert row.pass_name == "sparsify" and row.check.passed
+    return new, row.result
 
 
 def test_structural_zero_count():
@@ -37,24 +43,24 @@ def test_structural_zero_count():
 
 def test_sparsify_creates_exact_zeros_and_keeps_the_function(folded):
     name, gm = folded
-    compiled, result = _run_sparsify(gm, "method=qr")
+    new, result = _run_sparsify(gm, "method=qr")
     assert result.changed
     assert result.stats["zeros_created"] == EXPECTED_ZEROS[name], result.rewrites
     # the zeros really are in the graph's weights, and count_params sees them
     params_before, nonzero_before = ir.count_params(gm)
-    params_after, nonzero_after = ir.count_params(compiled.graph_module)
+    params_after, nonzero_after = ir.count_params(new)
     assert params_after == params_before
     assert nonzero_before - nonzero_after == EXPECTED_ZEROS[name]
     # each triangularised weight has exact zeros strictly below (writer) / above (reader) its diagonal
-    nodes = {n.name: n for n in compiled.graph_module.graph.nodes}
+    nodes = {n.name: n for n in new.graph.nodes}
     for node_name, info in result.stats["triangularised"].items():
-        w = ir.get_tensor(compiled.graph_module, sparsify_module._linear_parts(nodes[node_name])[1])
+        w = ir.get_tensor(new, sparsify_module._linear_parts(nodes[node_name])[1])
         c = w.shape[0] if info["role"] == "writer" else w.shape[1]
         m = w.reshape(c, -1) if info["role"] == "writer" else w.movedim(1, -1).reshape(-1, c).T
         assert bool((torch.tril(m, diagonal=-1) == 0).all()), node_name
     # outputs unchanged on fresh inputs (the pass manager checked too)
     inputs = [(torch.randn(3, 3, 32, 32),) for _ in range(2)]
-    assert check_equivalence(gm, compiled.graph_module, inputs, Tolerance(rel=1e-4)).passed
+    assert check_equivalence(gm, new, inputs, Tolerance(rel=1e-4)).passed
 
 
 def test_l1_after_triangularisation_keeps_the_zeros_and_lowers_l1(folded):

@@ -1,22 +1,24 @@
-"""Channel-space analysis: the group lattice, elements, hand-derived small models, and the zoo."""
+"""Channel-space analysis on the ATen IR: the group lattice, elements, hand-derived small models, the
+ways a channel slice / residual add can be written, and the zoo."""
 from __future__ import annotations
 
 import copy
 import itertools
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 import qlfx
 
-FOLD = "fold-bn,constant-fold,dce"  # the BN-folded graph the analysis is specified on
 from qlfx import ir
 from qlfx import symmetry as sym
-from qlfx.models import Hardball, create_model, qlnet_eq3, randomize_batchnorm
+from qlfx.models import Hardball, Softball, create_model, qlnet_eq3, randomize_batchnorm
 from qlfx.symmetry import Group, Monomial
 from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
 
+FOLD = "fold-bn,constant-fold,dce"  # the BN-folded graph the analysis is specified on
 G = Group
 
 
@@ -115,6 +117,15 @@ class ConvConv(nn.Module):
         return self.c2(y)
 
 
+class Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, y):
+        return self.fn(y)
+
+
 @pytest.mark.parametrize("mid, group", [
     (None, G.GL),
     (nn.ReLU(), G.POSITIVE_MONOMIAL),
@@ -124,6 +135,21 @@ class ConvConv(nn.Module):
     (nn.MaxPool2d(2), G.POSITIVE_MONOMIAL),
     (nn.AvgPool2d(2), G.GL),
     (nn.Sigmoid(), G.PERMUTATION),
+    # more ATen ops
+    (nn.LeakyReLU(0.1), G.POSITIVE_MONOMIAL),
+    (nn.AdaptiveMaxPool2d(2), G.POSITIVE_MONOMIAL),  # (values, indices) + getitem 0
+    (nn.Tanh(), G.SIGNED_PERMUTATION),
+    (nn.GELU(), G.PERMUTATION),
+    (nn.Hardswish(), G.PERMUTATION),
+    (Softball(), G.O),
+    (nn.Upsample(scale_factor=2), G.GL),
+    (Fn(lambda y: y.clamp(min=0)), G.POSITIVE_MONOMIAL),
+    (Fn(lambda y: torch.clamp(y, -2, 2)), G.SIGNED_PERMUTATION),
+    (Fn(lambda y: y * np.float64(2.5) - y / 3), G.GL),  # numpy scalars
+    (Fn(lambda y: -y), G.GL),
+    (Fn(lambda y: y + 1), G.PERMUTATION),  # the same shift for every channel
+    (Fn(lambda y: torch.where(y > 0, y, 0.1 * y)), G.PERMUTATION),  # a per-channel condition
+    (Fn(lambda y: y.permute(0, 1, 3, 2).reshape(y.shape[0], 6, -1).view(y.shape)), G.GL),
 ])
 def test_conv_activation_conv(mid, group):
     gm, report, x = _analyze(ConvConv(mid))
@@ -146,6 +172,13 @@ def test_a_non_group_element_changes_the_output_and_is_refused():
     with torch.no_grad():
         ref, out = gm(x), new(x)
     assert float((ref - out).abs().max() / ref.abs().max()) > 1e-2
+
+
+def test_a_graph_not_captured_by_qlfx_is_refused_with_a_clear_error():
+    with pytest.raises(ValueError, match="qlfx.trace"):
+        sym.analyze(torch.fx.symbolic_trace(ConvConv(nn.ReLU())))  # torch-function level, no vals
+    with pytest.raises(TypeError, match="GraphModule"):
+        sym.analyze(ConvConv())
 
 
 class Residual(nn.Module):
@@ -219,6 +252,81 @@ def test_product_into_relu_keeps_factor_scalings_positive():
     _check_random_elements_keep_outputs(gm, report, x)
 
 
+class Halves(nn.Module):
+    """z = conv(x) cut in two halves, written in one of the ways models do, multiplied, conv."""
+
+    def __init__(self, style):
+        super().__init__()
+        self.style = style
+        self.a = nn.Conv2d(3, 8, 1)
+        self.c = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        z = self.a(x)
+        if self.style == "chunk":
+            p, q = z.chunk(2, dim=1)
+        elif self.style == "split":
+            p, q = torch.split(z, 4, dim=1)
+        elif self.style == "tensor_split":
+            p, q = torch.tensor_split(z, 2, dim=1)
+        elif self.style == "narrow":
+            p, q = z.narrow(1, 0, 4), z.narrow(1, 4, 4)
+        elif self.style == "shape":
+            p, q = z[:, :z.shape[1] // 2], z[:, z.shape[1] // 2:]
+        else:  # the authors' C = x.size()[1]
+            C = z.size()[1]
+            p, q = z[:, :C // 2], z[:, C // 2:]
+        return self.c(p * q)
+
+
+@pytest.mark.parametrize("style", ["chunk", "split", "tensor_split", "narrow", "shape", "size"])
+def test_product_halves_however_the_slice_is_written(style):
+    gm, report, x = _analyze(Halves(style))
+    segments = report.node_segments["a"]
+    assert [(s, e) for s, e, _, _ in segments] == [(0, 4), (4, 8)]
+    halves = [report.spaces[sid] for _, _, sid, _ in segments]
+    product = report.space("mul")
+    assert all(h.group is G.MONOMIAL and not h.derived for h in halves) and product.derived
+    assert report.continuous_dimension == 8
+    _check_random_elements_keep_outputs(gm, report, x)
+
+
+class ResidualInPlace(Residual):
+    def forward(self, x):
+        a = self.c1(x)
+        y = self.c2(a)
+        y += a
+        return self.c3(y)
+
+
+def test_in_place_residual_add_is_one_space():
+    gm, report, x = _analyze(ResidualInPlace())
+    assert report.space("c1") is report.space("c2") is report.space("add")
+    assert report.space("c1").group is G.GL
+    _check_random_elements_keep_outputs(gm, report, x)
+
+
+class ConstantChannels(nn.Module):
+    """cat([y, stored constant]): the constant's channels cannot change basis."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 4, 1)
+        self.c2 = nn.Conv2d(6, 3, 1)
+        self.register_buffer("extra", torch.randn(1, 2, 1, 1))
+
+    def forward(self, x):
+        y = self.c1(x)
+        return self.c2(torch.cat([y, self.extra.expand(y.shape[0], -1, *y.shape[2:])], dim=1))
+
+
+def test_a_constant_concatenated_to_channels_stays_fixed():
+    gm, report, x = _analyze(ConstantChannels())
+    groups = [report.spaces[sid].group for _, _, sid, _ in report.node_segments["cat"]]
+    assert groups == [G.GL, G.IDENTITY]
+    _check_random_elements_keep_outputs(gm, report, x)
+
+
 class SliceCat(nn.Module):
     def __init__(self):
         super().__init__()
@@ -256,7 +364,7 @@ def test_flatten_of_spatial_map_is_copies_of_the_space():
     gm, report, x = _analyze(Flatten())
     space = report.space("c1")
     assert space.group is G.GL and space.size == 4
-    assert report.node_segments["flatten"] == [(0, 16, space.id, 4)]
+    assert report.node_segments["view"] == [(0, 16, space.id, 4)]  # torch.flatten arrives as aten.view
     _check_random_elements_keep_outputs(gm, report, x)
 
 
@@ -271,18 +379,48 @@ def _zoo(name, **kwargs):
 def test_qlnet_tiny_pdeblock_groups():
     gm, report = _zoo("qlnet-tiny")
     assert report.space("maxpool").group is G.POSITIVE_MONOMIAL  # stage 1: ReLU + max-pool in the stem
-    assert report.space("maxpool") is report.space("add")  # stage-1 residual stream
-    for add in ("add_1", "add_2", "add_3"):  # stages 2-4: hardball
+    assert report.space("maxpool") is report.space("layer1_0_add")  # stage-1 residual stream
+    for add in ("layer2_0_add", "layer3_0_add", "layer4_0_add"):  # stages 2-4: hardball
         assert report.space(add).group is G.O
-    for half in ("getitem", "getitem_1", "getitem_6", "getitem_7"):
+    for half in ("layer1_0_slice", "layer1_0_slice_1", "layer4_0_slice", "layer4_0_slice_1"):
         s = report.space(half)
         assert s.group is G.MONOMIAL and not s.derived
-    assert report.space("mul").derived
+    assert report.space("layer1_0_mul").derived
     assert report.space("layer1_0_conv2").group is G.MONOMIAL  # per-channel depthwise: tied to the product
     text = sym.format_report(report)
     assert "positive-monomial" in text and "continuous symmetry dimension" in text
     d = report.to_dict()
     assert d["continuous_dimension"] == report.continuous_dimension == sum(s["lie_dimension"] for s in d["spaces"])
+
+
+def test_symbolic_batch_size_gives_the_same_analysis():
+    """dynamic_batch: sizes are SymInt nodes (aten.sym_size), the head's view reads one, every channel
+    slice first takes a batch slice x[0:INT64_MAX]."""
+    model = randomize_batchnorm(create_model("qlnet-tiny").eval(), 0)
+    x = torch.randn(2, 3, 32, 32)
+    graphs = [qlfx.compile(model, FOLD, example_inputs=(x,), dynamic_batch=d, verify=False).graph_module
+              for d in (False, True)]
+    assert any(ir.is_op(n, torch.ops.aten.sym_size) for n in graphs[1].graph.nodes)
+    static, dynamic = map(sym.analyze, graphs)
+    assert dynamic.group_counts() == static.group_counts()
+    assert dynamic.continuous_dimension == static.continuous_dimension
+    assert not dynamic.notes
+
+
+@pytest.mark.parametrize("name", ["qlnet-tiny", "qlnet-eq3-nows"])
+def test_expanded_depthwise_convs_keep_the_analysis(name):
+    """expand-depthwise: repeat_interleave(x, m, 1) (m copies of each channel) + a pure depthwise conv
+    gives the same spaces and groups as the depthwise conv with multiplier m."""
+    kwargs = {} if name.endswith("tiny") else dict(layers=(1, 1, 1, 1), widths=(8, 16, 32, 64), num_classes=10)
+    model = randomize_batchnorm(create_model(name, **kwargs).eval(), 0)
+    x = torch.randn(1, 3, 32, 32)
+    plain, expanded = (qlfx.compile(model, passes, example_inputs=(x,), verify=False).graph_module
+                       for passes in (FOLD, FOLD + ",expand-depthwise"))
+    assert any(ir.is_op(n, torch.ops.aten.repeat_interleave) for n in expanded.graph.nodes)
+    r_plain, r_expanded = sym.analyze(plain), sym.analyze(expanded)
+    assert r_expanded.group_counts() == r_plain.group_counts()
+    assert r_expanded.continuous_dimension == r_plain.continuous_dimension
+    _check_random_elements_keep_outputs(expanded, r_expanded, x, seeds=(0,))
 
 
 def test_eq3_product_pins_stream_to_signed_permutations():
@@ -306,7 +444,7 @@ def test_eq3_product_pins_stream_to_signed_permutations():
 def test_unfolded_graph_treats_batchnorm_as_per_channel():
     model = randomize_batchnorm(create_model("qlnet-tiny").eval(), 0)
     x = torch.randn(1, 3, 32, 32)
-    gm = ir.trace(model, (x,))
+    gm = qlfx.trace(model, (x,))
     report = sym.analyze(gm)
     assert report.space("layer1_0_bn2").group is G.MONOMIAL
     assert report.space("layer1_0_bn2").tie == report.space("layer1_0_conv2").tie is not None
@@ -321,3 +459,6 @@ def test_qlnet50_full_size_analysis():
     assert report.space("maxpool").group is G.POSITIVE_MONOMIAL
     o_spaces = [s for s in report.spaces if s.group is G.O]
     assert sorted(s.size for s in o_spaces) == [128, 256, 512]
+    # O(128) + O(256) + O(512) + 64 stem scalings + 2W for the halves and 2W for the depthwise output of
+    # every block (W = 4C if C <= 128 else 2C)
+    assert report.continuous_dimension == 8128 + 32640 + 130816 + 64 + 16384 + 16384 == 204_416

@@ -14,8 +14,10 @@ from qlfx.symmetry.optimize import l1_of_weights, minimize_l1, orthogonal_from_s
 
 
 def _folded(model: nn.Module, shape=(2, 3, 32, 32)):
+    """BN-folded graph, any batch size."""
     model.eval()
-    return qlfx.compile(model, "fold-bn,constant-fold,dce", example_inputs=(torch.randn(shape),)).graph_module
+    return qlfx.compile(model, "fold-bn,constant-fold,dce", example_inputs=(torch.randn(shape),),
+                        dynamic_batch=True).graph_module
 
 
 @pytest.mark.parametrize("orthogonal_map", ["expm", "cayley"])
