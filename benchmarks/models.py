@@ -7,7 +7,7 @@
 Engines (fp32, ``--threads`` threads each, default 2):
   torch eager         the model itself under torch.no_grad
   torch.compile       inductor (n/a with the reason when it fails)
-  ort plain           onnxruntime on torch.onnx.export of the model (dynamo exporter; qlfx's ops translated)
+  ort plain           onnxruntime on torch.onnx.export of the model (dynamo exporter, no qlfx)
   ort qlfx            onnxruntime on qlfx's ONNX (qlfx.DEFAULT_PIPELINE)
   tvm plain           TVM Relax from the plain traced graph, no qlfx passes, untuned (default schedules)
   tvm qlfx            qlfx passes + fused kernels, MetaSchedule-tuned (--trials per task, database reused)
@@ -115,16 +115,9 @@ def build_engines(name: str, batch: int, args, workdir: Path) -> tuple[list[comm
 
     # --- onnxruntime on the plain export
     def ort_plain():
-        import onnx
-
-        from qlfx.emit.onnx import TRANSLATIONS, add_functions
-
         path = workdir / f"{name}_b{batch}_plain.onnx"
-        # The model's Hardball/Softball modules call qlfx's custom ops: torch.onnx needs their translations
-        # (the same ONNX functions qlfx emits; onnxruntime inlines them).
-        program = torch.onnx.export(model, (x,), dynamo=True, input_names=["x"], verbose=False,
-                                    custom_translation_table=TRANSLATIONS)
-        onnx.save(add_functions(program.model_proto), str(path))
+        # what a user gets without qlfx (the zoo's Hardball/Softball ops decompose into plain ops)
+        torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=["x"], verbose=False)
         session = common.ort_session(str(path), args.threads)
         feed = {session.get_inputs()[0].name: x_np}
         run = lambda: session.run(None, feed)  # noqa: E731

@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import capture as capture_module
-from .errors import UsageError
+from .errors import QlfxError, UsageError
 from .pass_manager import Pass, PassContext, PassManager, Report, parse_pipeline
 from .verify import Tolerance
 
@@ -173,6 +173,18 @@ class Session:
     context: PassContext
     capture_seconds: float
 
+    def check_trace(self, manager: PassManager) -> Report:
+        """The manager's check of the captured graph against the model. The model runs here for the
+        first time on real tensors (capture ran it on fake ones, which let some mistakes through, such
+        as float64 inputs to float32 weights): its own failure is a usage error about the inputs."""
+        try:
+            return manager.check_trace(self.model, self.graph, self.context, self.capture_seconds)
+        except QlfxError:
+            raise
+        except Exception:
+            _check_runs(self.model, self.context.example_inputs)
+            raise
+
 
 def prepare(model, passes, example_inputs, calibration=None, labels=None, config=None,
             dynamic_batch: bool = False) -> Session:
@@ -186,9 +198,12 @@ def prepare(model, passes, example_inputs, calibration=None, labels=None, config
     if not dynamic_batch:  # the graph will be specialised to the example's batch size
         sets, label_sets = fit_to_batch(sets, label_sets, example_inputs[0].shape[0])
     model = copy.deepcopy(model)  # the checks run the forward, which may write to its own module
-    _check_runs(model, example_inputs)
     start = time.perf_counter()
-    gm = capture_module.capture(model, example_inputs, dynamic_batch=dynamic_batch)
+    try:
+        gm = capture_module.capture(model, example_inputs, dynamic_batch=dynamic_batch)
+    except UsageError:
+        _check_runs(model, example_inputs)  # wrong inputs are the likelier cause: say so first
+        raise
     seconds = time.perf_counter() - start
     ctx = PassContext(example_inputs=tuple(example_inputs), calibration=sets, labels=label_sets,
                       config=dict(config or {}), dynamic_batch=bool(dynamic_batch))
@@ -224,6 +239,6 @@ def compile(
         tolerance = Tolerance(rel=float(tolerance))
     manager = PassManager(session.pipeline, instruments=instruments, verify=verify, tolerance=tolerance,
                           verify_inputs=verify_inputs, seed=seed)
-    report = manager.check_trace(session.model, session.graph, session.context, session.capture_seconds)
+    report = session.check_trace(manager)
     gm, report = manager.run(session.graph, session.context, report)
     return Compiled(gm, report, session.pipeline, session.context)

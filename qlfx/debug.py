@@ -235,7 +235,7 @@ def bisect(model, passes, example_inputs, *, tolerance: Tolerance | float | None
 
     # 1. The pass: the pass manager's own run, which checks every pass against the graph before it.
     try:
-        manager.run(gm, ctx, manager.check_trace(model, gm, ctx))
+        manager.run(gm, ctx, session.check_trace(manager))
     except EquivalenceError as err:
         if err.pass_name == "trace":
             return BisectResult("(trace)", 0, error=f"the traced graph already differs from the model: "

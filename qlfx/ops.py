@@ -1,8 +1,12 @@
 """qlfx's custom torch ops. Importing this module registers them (importing again is harmless).
 
-Each is a ``torch.library.custom_op`` with a fake kernel, so torch.export captures it as ONE node of the
-ATen graph (passes and the symmetry analysis match it by name, emitters lower it: ONNX functions in the
-``qlfx`` domain, TVM kernels) and shapes propagate without running it.
+Each is an op of the ``qlfx`` library whose one kernel is a CompositeImplicitAutograd definition in
+plain torch ops. That choice gives each op two lives: qlfx's capture (``run_decompositions({})``) keeps
+CompositeImplicit ops whole, so the IR holds ONE node per fused product or radial activation (passes
+and the symmetry analysis match it by name; the emitters lower it to a qlfx-domain ONNX function or a
+TVM kernel); every other tool decomposes it into its definition on its own — ``torch.onnx.export`` of a
+zoo model, ``torch.compile``, the core ATen table — so a model or ExportedProgram using these ops needs
+no qlfx to run or export. Fake tensors and autograd come from the definition too.
 
 ``torch.ops.qlfx.branch_product`` — the product of two linear branches of the same input
 =====================================================================================
@@ -99,46 +103,28 @@ def branch_product_kind(weight_b_shape: Sequence[int], groups_b: int, in_channel
     return None
 
 
-def _register() -> None:
+# A Library removes its definitions when it is garbage collected: importlib.reload (which re-runs this
+# module in the same namespace) must keep the first one alive rather than replace it.
+_LIBRARY = globals().get("_LIBRARY") or torch.library.Library("qlfx", "FRAGMENT")
+
+
+def _define(name: str, schema: str, definition) -> None:
+    """Define ``qlfx::name`` with ``definition`` as its CompositeImplicitAutograd kernel (once)."""
     try:
-        torch.ops.qlfx.branch_product.default  # noqa: B018  (already registered: importlib.reload)
+        getattr(torch.ops.qlfx, name).default  # noqa: B018  (already defined: importlib.reload)
         return
     except (AttributeError, RuntimeError):
         pass
-
-    @torch.library.custom_op("qlfx::branch_product", mutates_args=(), schema=BRANCH_PRODUCT_SCHEMA)
-    def _branch_product(x: torch.Tensor, weight_a: torch.Tensor, bias_a: Optional[torch.Tensor],
-                        weight_b: torch.Tensor, bias_b: Optional[torch.Tensor], stride: Sequence[int],
-                        padding_b: Sequence[int], dilation_b: Sequence[int], groups_b: int) -> torch.Tensor:
-        _check_shapes(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b)
-        return branch_product_reference(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b,
-                                        groups_b)
-
-    @_branch_product.register_fake
-    def _(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b):
-        out_shape = _check_shapes(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b)
-        return x.new_empty(out_shape, dtype=torch.result_type(x, weight_a))
-
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*(t if t is not None else None for t in (inputs[0], inputs[1], inputs[2],
-                                                                         inputs[3], inputs[4])))
-        ctx.conv_args = inputs[5:]
-
-    def _backward(ctx, grad):
-        # d(a*b) = da*b + a*db; each branch's conv gradient comes from autograd on the reference.
-        x, weight_a, bias_a, weight_b, bias_b = ctx.saved_tensors
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(True) if t is not None else None
-                      for t in (x, weight_a, bias_a, weight_b, bias_b)]
-            out = branch_product_reference(*leaves, *ctx.conv_args)
-            wanted = [t for t in leaves if t is not None]
-            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
-        return tuple(next(grads) if t is not None else None for t in leaves) + (None, None, None, None)
-
-    _branch_product.register_autograd(_backward, setup_context=_setup_context)
+    _LIBRARY.define(f"{name}{schema}")
+    _LIBRARY.impl(name, definition, "CompositeImplicitAutograd")
 
 
-_register()
+def _branch_product_kernel(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b):
+    _check_shapes(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b)
+    return branch_product_reference(x, weight_a, bias_a, weight_b, bias_b, stride, padding_b, dilation_b, groups_b)
+
+
+_define("branch_product", BRANCH_PRODUCT_SCHEMA, _branch_product_kernel)
 
 
 # ------------------------------------------------------------------------------ radial activations
@@ -179,39 +165,15 @@ def softball_reference(x: torch.Tensor, radius: Optional[float] = None) -> torch
     return x * torch.rsqrt(1.0 + (x * x).sum(dim=1, keepdim=True) / (r * r))
 
 
-def _register_radial(name: str, reference) -> None:
-    try:
-        getattr(torch.ops.qlfx, name).default  # noqa: B018  (already registered: importlib.reload)
-        return
-    except (AttributeError, RuntimeError):
-        pass
-
-    @torch.library.custom_op(f"qlfx::{name}", mutates_args=(), schema="(Tensor x, float? radius) -> Tensor")
-    def _op(x: torch.Tensor, radius: Optional[float]) -> torch.Tensor:
+def _radial_kernel(name: str, reference):
+    def kernel(x, radius):
         _check_radial(name, x, radius)
         return reference(x, radius)
-
-    @_op.register_fake
-    def _(x, radius):
-        _check_radial(name, x, radius)
-        return torch.empty_like(x)
-
-    def _setup_context(ctx, inputs, output):
-        ctx.save_for_backward(inputs[0])
-        ctx.radius = inputs[1]
-
-    def _backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_(True)
-            (dx,) = torch.autograd.grad(reference(leaf, ctx.radius), (leaf,), grad)
-        return dx, None
-
-    _op.register_autograd(_backward, setup_context=_setup_context)
+    return kernel
 
 
-_register_radial("hardball", hardball_reference)
-_register_radial("softball", softball_reference)
+_define("hardball", "(Tensor x, float? radius) -> Tensor", _radial_kernel("hardball", hardball_reference))
+_define("softball", "(Tensor x, float? radius) -> Tensor", _radial_kernel("softball", softball_reference))
 RADIAL_OPS = {"hardball": torch.ops.qlfx.hardball.default, "softball": torch.ops.qlfx.softball.default}
 
 

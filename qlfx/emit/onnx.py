@@ -22,9 +22,9 @@ the qlfx domain (its ``OpSchema`` given to onnxscript's ``Op``), and the Functio
 the exported model.
 
 Every op torch.onnx cannot convert is listed at once, with the module path and source line of the
-qlfx node it came from, in one :class:`~qlfx.errors.UnsupportedOpsError`, before anything is written:
-the check dispatches the program torch.onnx will translate (after its decompositions) against the same
-registry (torchlib + the translations here).
+qlfx node it came from, in one :class:`~qlfx.errors.UnsupportedOpsError`, and nothing is written: when
+the export fails, the program torch.onnx translates (after its decompositions) is dispatched op by op
+against the same registry (torchlib + the translations here).
 
 Public API: :func:`export_onnx`, :func:`to_onnx_model` (the ``onnx.ModelProto`` without writing),
 :func:`supported_targets`.
@@ -50,8 +50,8 @@ from .. import capture, emit
 from ..errors import QlfxError, UnsupportedOpsError, UsageError
 from ..io import atomic_write, ensure_writable_dir
 
-__all__ = ["export_onnx", "to_onnx_model", "supported_targets", "add_functions", "TRANSLATIONS", "QLFX_DOMAIN",
-           "OnnxCheckError"]
+__all__ = ["export_onnx", "to_onnx_model", "check_in_onnxruntime", "supported_targets", "add_functions",
+           "TRANSLATIONS", "QLFX_DOMAIN", "OnnxCheckError"]
 
 QLFX_DOMAIN = "qlfx"
 MIN_OPSET = 18  # torchlib's opset: reductions take axes as inputs
@@ -236,17 +236,20 @@ def to_onnx_model(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], op
     if opset < MIN_OPSET:
         raise UsageError(f"opset {opset} is too old: torch.onnx emits opset {MIN_OPSET} or newer")
     ep = capture.to_exported_program(gm, example_inputs)
-    sites = unsupported_sites(gm, ep)
-    if sites:
-        raise UnsupportedOpsError(
-            "ONNX export", sites,
-            "Nothing was written. Express these parts of the model with ops torch.onnx supports "
-            "(qlfx.emit.onnx.supported_targets() lists them), or run passes that remove them first.")
+    from torch.onnx._internal.exporter import _core
+
     try:
-        program = torch.onnx.export(ep, (), dynamo=True, custom_translation_table=TRANSLATIONS,
-                                    opset_version=opset, input_names=_input_names(gm),
-                                    output_names=_output_names(ep), verbose=False, external_data=False)
-    except Exception as err:  # noqa: BLE001 -- the check above passed: torch.onnx itself failed
+        # torch.onnx.export's own core, handed the registry built once per process (building it takes
+        # ~1.7 s, which torch.onnx.export would pay on every call)
+        program = _core.export(ep, registry=_registry(), opset_version=opset, input_names=_input_names(gm),
+                               output_names=_output_names(ep), verbose=False, optimize=True)
+    except Exception as err:  # noqa: BLE001 -- find out what it could not convert, all at once
+        sites = unsupported_sites(gm, ep)
+        if sites:
+            raise UnsupportedOpsError(
+                "ONNX export", sites,
+                "Nothing was written. Express these parts of the model with ops torch.onnx supports "
+                "(qlfx.emit.onnx.supported_targets() lists them), or run passes that remove them first.") from err
         raise QlfxError(f"torch.onnx.export failed on a graph whose ops it supports: {type(err).__name__}: "
                         f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
     program.model.producer_name = "qlfx"
@@ -260,20 +263,48 @@ def to_onnx_model(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], op
     return proto
 
 
+def check_in_onnxruntime(data: bytes, gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+                         tolerance: float = 1e-4) -> float:
+    """Run the serialized model in onnxruntime on the example inputs and compare every output with the
+    graph's: ``max|ort - torch| <= tolerance * max|torch|`` (the pass manager's fp32 rule). Returns the
+    worst relative error; raises OnnxCheckError when an output breaks the rule."""
+    import onnxruntime as ort
+
+    from ..verify import run_outputs
+
+    session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+    feed = {i.name: t.detach().numpy() for i, t in zip(session.get_inputs(), example_inputs)}
+    worst = 0.0
+    for k, (got, ref) in enumerate(zip(session.run(None, feed), run_outputs(gm, example_inputs))):
+        ref = ref.detach().double().numpy()
+        scale = float(np.abs(ref).max()) or 1.0
+        error = float(np.abs(got.astype(np.float64) - ref).max()) / scale
+        if not error <= tolerance:
+            raise OnnxCheckError(f"onnxruntime's output {k} differs from the graph's by {error:.3g} relative "
+                                 f"(allowed {tolerance:g}) on the example input: an emitter bug, please report it")
+        worst = max(worst, error)
+    return worst
+
+
 def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], path, opset: int = MIN_OPSET,
                 check: bool = True) -> Path:
     """Write ``gm`` as an ONNX model at ``path`` (atomically: whole or not at all); return the path.
 
+    With ``check`` (default) the model passes onnx.checker (full check, shape inference) and runs in
+    onnxruntime on the example inputs with the graph's outputs (:func:`check_in_onnxruntime`).
     Raises UsageError for an unwritable path (before any work), UnsupportedOpsError listing every
-    node without an ONNX form, OnnxCheckError when check=True and onnx.checker rejects the model.
+    node without an ONNX form, OnnxCheckError when a check fails.
     """
     path = Path(path)
     ensure_writable_dir(path.parent if str(path.parent) else ".")
     if path.is_dir():
         raise UsageError(f"'{path}' is a folder; give a file path such as '{path / 'model.onnx'}'")
     proto = to_onnx_model(gm, example_inputs, opset=opset, check=check)
+    data = proto.SerializeToString()
+    if check:
+        check_in_onnxruntime(data, gm, capture.check_example_inputs(example_inputs))
     try:
-        atomic_write(path, proto.SerializeToString())
+        atomic_write(path, data)
     except OSError as err:
         raise UsageError(f"cannot write '{path}': {err}. Choose a writable path.") from err
     return path

@@ -4,7 +4,8 @@
 
 1. IR -> Relax: the rewritten GraphModule is re-exported (:func:`qlfx.capture.to_exported_program`,
    symbolic batch when the graph was captured with ``dynamic_batch``), decomposed to core ATen
-   (``ExportedProgram.run_decompositions()``, what TVM's frontend runs) and converted by TVM's
+   (``ExportedProgram.run_decompositions()``, what TVM's frontend runs, with qlfx's own ops kept whole:
+   they are CompositeImplicit and would otherwise decompose into their definitions) and converted by TVM's
    ``relax.frontend.torch.from_exported_program``; weights are bound as Relax constants. Only qlfx's own
    ops get converters here (``custom_convert_map``). Every op the importer has no converter for is
    listed at once, at the qlfx node it came from, in an ``UnsupportedOpsError``, before any work.
@@ -283,7 +284,7 @@ def to_relax(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], lowerin
     if not isinstance(gm, fx.GraphModule):
         raise UsageError(f"build_tvm takes a torch.fx GraphModule (Compiled.graph_module), got {type(gm).__name__}")
     example_inputs = capture.check_example_inputs(example_inputs)
-    ep = capture.to_exported_program(gm, example_inputs).run_decompositions()
+    ep = capture.to_exported_program(gm, example_inputs).run_decompositions(_core_aten_keeping_qlfx_ops())
     options = {"trials": 0, "database_dir": _default_database(), "progress": False, "use_kernels": True,
                "tuning_batch": int(example_inputs[0].shape[0]), **(lowering_options or {})}
     options["target"] = options.get("target") or make_target("llvm")
@@ -496,6 +497,14 @@ class TVMModule:
 
 
 # ----------------------------------------------------------------------------------------- build
+def _core_aten_keeping_qlfx_ops() -> dict:
+    """The core ATen decomposition table without qlfx's ops (which have converters here)."""
+    table = torch.export.default_decompositions()
+    for name in ("branch_product", "hardball", "softball"):
+        table.pop(getattr(torch.ops.qlfx, name).default, None)
+    return table
+
+
 def build_tvm(
     gm: fx.GraphModule,
     example_inputs: Sequence[torch.Tensor],
