@@ -360,6 +360,18 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     return copy.deepcopy(gm)
 
 
+def same_program(a: fx.GraphModule, b: fx.GraphModule) -> bool:
+    """True when ``a`` and ``b`` compute the same function for certain: the same generated code and
+    bit-equal weights under the same names (the pass manager then reuses ``a``'s outputs for ``b``)."""
+    if a.code != b.code:
+        return False
+    tensors_a = dict(a.named_buffers()) | dict(a.named_parameters())
+    tensors_b = dict(b.named_buffers()) | dict(b.named_parameters())
+    return tensors_a.keys() == tensors_b.keys() and all(
+        tensors_a[k].dtype == tensors_b[k].dtype and tensors_a[k].shape == tensors_b[k].shape
+        and torch.equal(tensors_a[k], tensors_b[k]) for k in tensors_a)
+
+
 # ------------------------------------------------------------------------------- views of ATen ops
 @dataclass
 class ConvCall:

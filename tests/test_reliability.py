@@ -21,6 +21,7 @@ from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
 from qlfx import debug, ir
 from qlfx.errors import UnsupportedOpsError, UsageError
 from qlfx.models import qlnet, qlnet_eq3
+from qlfx.pass_manager import Pass, PassResult
 
 aten = torch.ops.aten
 
@@ -328,3 +329,44 @@ def test_corrupted_tuning_database_is_reported(tmp_path):
     (tmp_path / "as_file").write_text("x")
     with pytest.raises(TuningDatabaseError, match="is a file"):
         open_database(str(tmp_path / "as_file"))
+
+
+class _SilentlyScalesAWeight(Pass):
+    """Reports no change but scales one weight in place: the generated code is the same as before,
+    so only a check that also compares the weights can catch it."""
+
+    name = "test-silent-weight-change"
+    description = "test pass: changes a weight, claims nothing changed"
+    contract = "equivalent"
+
+    def run(self, gm, ctx):
+        weight = next(v for _, v in list(gm.named_parameters()) + list(gm.named_buffers()) if v.dim() == 4)
+        with torch.no_grad():
+            weight.mul_(1.5)
+        return PassResult(changed=False)
+
+
+class _DoesNothing(Pass):
+    name = "test-does-nothing"
+    description = "test pass: leaves the graph as it is"
+    contract = "exact"
+
+    def run(self, gm, ctx):
+        return PassResult(changed=False)
+
+
+def test_a_weight_changed_behind_the_same_code_is_caught():
+    with pytest.raises(qlfx.EquivalenceError, match="test-silent-weight-change"):
+        qlfx.compile(_tiny(), [_SilentlyScalesAWeight()], (torch.randn(1, 3, 8, 8),))
+
+
+def test_an_unchanged_program_reuses_the_reference_outputs(monkeypatch):
+    import qlfx.pass_manager as pm
+
+    runs = []
+    real = pm.check_against
+    monkeypatch.setattr(pm, "check_against", lambda *a, **k: runs.append(1) or real(*a, **k))
+    compiled = qlfx.compile(_tiny(), [_DoesNothing(), "fold-bn", _DoesNothing()], (torch.randn(1, 3, 8, 8),))
+    assert len(runs) == 2  # the capture check and fold-bn's; the no-op passes reused the outputs before them
+    assert [row.check.passed and row.check.max_abs == 0.0 for row in compiled.report.rows
+            if row.pass_name == "test-does-nothing"] == [True, True]
