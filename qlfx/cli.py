@@ -79,9 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dynamic-batch", action="store_true",
                      help="capture with a symbolic batch size, so the result (and --emit's ONNX / TVM module) runs "
                           "at any batch size; the checks then also run at another batch size")
-    run.add_argument("--emit", choices=("onnx", "tvm"), help="write the result as ONNX or a TVM .so")
-    run.add_argument("-o", "--output", metavar="PATH", help="output path for --emit")
-    run.add_argument("--target", default="llvm", help="TVM target for --emit tvm: llvm or cuda (default llvm)")
+    run.add_argument("--emit", choices=("onnx", "tvm"),
+                     help="write the result as ONNX or a TVM .so (default: from -o's extension, .onnx or .so)")
+    run.add_argument("-o", "--output", metavar="PATH", help="output path: .onnx for --emit onnx, .so for --emit tvm (its metadata goes beside it as .json)")
+    run.add_argument("--target", help="TVM target for --emit tvm: llvm or cuda (default llvm)")
     run.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for --emit tvm (default 0)")
     run.add_argument("--tuning-db", metavar="DIR", help="persistent tuning database folder for --emit tvm")
     run.add_argument("--json", metavar="FILE", help="also write the report as JSON")
@@ -172,8 +173,7 @@ def cmd_run(args) -> int:
     from .io import atomic_write
     from .loading import load_array, load_label_array, load_model
 
-    if args.emit and not args.output:
-        raise UsageError("--emit needs -o PATH")
+    _check_run_flags(args)
     for spec in args.load:
         _load_plugin(spec)
     for path in (args.output, args.json, args.report):
@@ -234,10 +234,53 @@ def cmd_run(args) -> int:
         path = compiled.to_onnx(args.output)
         print(f"wrote {path}")
     elif args.emit == "tvm":
-        module = compiled.to_tvm(target=args.target, tune_trials=args.tune_trials, tuning_db=args.tuning_db)
+        module = compiled.to_tvm(target=args.target or "llvm", tune_trials=args.tune_trials, tuning_db=args.tuning_db)
         path = module.export(args.output)
         print(f"wrote {path}")
     return EXIT_OK
+
+
+EMIT_EXTENSIONS = {"onnx": (".onnx",), "tvm": (".so",)}
+
+
+def _check_run_flags(args) -> None:
+    """Refuse, before any work, flags that would be silently ignored or would write the wrong thing.
+    Fills in ``args.emit`` from ``-o``'s extension when it is not given."""
+    from .errors import UsageError
+
+    if args.output and os.path.isdir(args.output):
+        pass  # a folder: _check_output_path says so
+    elif args.output:
+        suffix = os.path.splitext(args.output)[1].lower()
+        implied = next((kind for kind, exts in EMIT_EXTENSIONS.items() if suffix in exts), None)
+        if args.emit is None:
+            if implied is None:
+                raise UsageError(f"-o '{args.output}': cannot tell what to write from '{suffix or 'no extension'}'. "
+                                 f"Name it .onnx (ONNX) or .so (TVM module), or give --emit onnx|tvm")
+            args.emit = implied
+        elif implied != args.emit:
+            wanted = " or ".join(EMIT_EXTENSIONS[args.emit])
+            raise UsageError(f"--emit {args.emit} writes a {wanted} file, but -o is '{args.output}'. "
+                             f"Name the output *{EMIT_EXTENSIONS[args.emit][0]}"
+                             + (f", or use --emit {implied}" if implied else ""))
+    elif args.emit:
+        raise UsageError(f"--emit {args.emit} needs -o PATH (e.g. -o out/model{EMIT_EXTENSIONS[args.emit][0]})")
+    # flags that do nothing without another one
+    needs = [("--target", args.target is not None, "--emit tvm", args.emit == "tvm"),
+             ("--tune-trials", args.tune_trials != 0, "--emit tvm", args.emit == "tvm"),
+             ("--tuning-db", args.tuning_db is not None, "--emit tvm", args.emit == "tvm"),
+             ("--labels", args.labels is not None, "--calibration", args.calibration is not None),
+             ("--tolerance", args.tolerance is not None, "the checks (drop --no-verify)", not args.no_verify)]
+    if args.bisect:
+        needs += [(flag, given, "a normal run (drop --bisect: it reports the bad pass and writes nothing)", False)
+                  for flag, given in (("--emit", args.emit is not None), ("--json", args.json is not None),
+                                      ("--report", args.report is not None), ("--dump-dir", args.dump_dir is not None),
+                                      ("--no-verify", args.no_verify))]
+    for flag, given, other, present in needs:
+        if given and not present:
+            raise UsageError(f"{flag} has no effect without {other}")
+    if args.tune_trials < 0:
+        raise UsageError(f"--tune-trials must be >= 0, not {args.tune_trials}")
 
 
 def _load_plugin(spec: str) -> None:

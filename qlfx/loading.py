@@ -55,6 +55,10 @@ def load_model(spec: str, **factory_kwargs) -> nn.Module:
     model = factory(**factory_kwargs) if callable(factory) and not isinstance(factory, nn.Module) else factory
     if not isinstance(model, nn.Module):
         raise UsageError(f"'{spec}' gave a {type(model).__name__}, not a torch.nn.Module")
+    if model.training:  # said, because it changes what batchnorm and dropout compute
+        print(f"warning: the model from '{spec}' is in train mode; qlfx switches it to eval mode (batchnorm uses "
+              f"its running statistics, dropout is off). Call .eval() in the factory to silence this.",
+              file=sys.stderr)
     return model.eval()
 
 

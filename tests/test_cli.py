@@ -156,7 +156,7 @@ def test_report_and_svg(tmp_path, capsys):
     (["run", f"{BLOCKS}:small_convnet"], "--input-shape is required"),
     (["run", f"{BLOCKS}:small_convnet", "--input-shape", "1,4,8,8"], "fails on the example inputs"),
     (["run", f"{BLOCKS}:small_convnet", "--input-shape", "1,-3,8,8"], "bad --input-shape"),
-    (["run", *MODEL, "--emit", "onnx"], "--emit needs -o"),
+    (["run", *MODEL, "--emit", "onnx"], "--emit onnx needs -o PATH"),
     (["run", *MODEL, "--load", "no/such/passes.py"], "does not exist"),
     (["run", *MODEL, "--leaf", "blocks.0"], "unrecognized arguments: --leaf"),  # torch.export has no leaves
     (["run"], ""),
@@ -339,9 +339,57 @@ def test_run_with_labelled_calibration_and_an_accuracy_budget(tmp_path, capsys):
     assert row["pass"] == "slice" and row["accuracy"]["samples"] == 16 and row["accuracy"]["allowed_drop"] == 100
     # labels without calibration, float labels, no labels for an accuracy budget: usage errors
     assert main(["run", *MODEL, *passes, "--labels", str(tmp_path / "y.npy")]) == EXIT_USAGE
-    assert "--labels needs --calibration" in capsys.readouterr().err
+    assert "--labels has no effect without --calibration" in capsys.readouterr().err
     assert main(["run", *MODEL, *passes, "--calibration", str(tmp_path / "x.npy"),
                  "--labels", str(tmp_path / "yf.npy")]) == EXIT_USAGE
     assert "integer class indices" in capsys.readouterr().err
     assert main(["run", *MODEL, *passes, "--calibration", str(tmp_path / "x.npy")]) == EXIT_USAGE
     assert "no calibration sample is labelled" in capsys.readouterr().err
+
+
+# Flags that would be silently ignored or would write the wrong thing are refused before any work: each
+# case fails in a fraction of the time a capture takes (the model is never loaded).
+@pytest.mark.parametrize("extra,message", [
+    (["-o", "out/x.txt"], "cannot tell what to write from '.txt'"),
+    (["-o", "out/x"], "cannot tell what to write from 'no extension'"),
+    (["--emit", "onnx", "-o", "model.txt"], "--emit onnx writes a .onnx file, but -o is 'model.txt'"),
+    (["--emit", "tvm", "-o", "m.onnx"], "or use --emit onnx"),
+    (["--emit", "onnx", "-o", "m.so"], "or use --emit tvm"),
+    (["--tune-trials", "4"], "--tune-trials has no effect without --emit tvm"),
+    (["-o", "m.onnx", "--target", "cuda"], "--target has no effect without --emit tvm"),
+    (["--tuning-db", "db/"], "--tuning-db has no effect without --emit tvm"),
+    (["--labels", "y.npy"], "--labels has no effect without --calibration"),
+    (["--no-verify", "--tolerance", "1e-3"], "--tolerance has no effect without the checks"),
+    (["--bisect", "-o", "m.onnx"], "--emit has no effect without a normal run"),
+    (["--bisect", "--report", "r.html"], "--report has no effect without a normal run"),
+    (["--emit", "tvm", "-o", "m.so", "--tune-trials", "-1"], "--tune-trials must be >= 0"),
+])
+def test_ineffective_or_conflicting_flags_exit_2_before_loading_the_model(extra, message, capsys, monkeypatch,
+                                                                          tmp_path):
+    import qlfx.loading
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(qlfx.loading, "load_model", lambda spec: pytest.fail("the model was loaded"))
+    assert main(["run", *MODEL, *extra]) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written, no folder made
+
+
+def test_emit_is_inferred_from_the_output_extension(tmp_path):
+    pytest.importorskip("onnxruntime")
+    path = tmp_path / "m.onnx"
+    assert main(["run", *MODEL, "-o", str(path)]) == EXIT_OK
+    import onnx
+
+    onnx.checker.check_model(onnx.load(str(path)))
+
+
+def test_train_mode_model_gets_a_warning_and_is_switched_to_eval_mode(tmp_path, capsys):
+    factory = tmp_path / "trainmode.py"
+    factory.write_text(f"import sys; sys.path.insert(0, {str(Path(BLOCKS).parent)!r})\n"
+                       "from blocks import small_convnet\n"
+                       "def build():\n    return small_convnet().train()\n")
+    assert main(["run", f"{factory}:build", "--input-shape", "1,3,8,8", "--passes", "fold-bn"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert "is in train mode; qlfx switches it to eval mode" in captured.err
+    assert "fold-bn" in captured.out
