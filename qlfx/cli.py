@@ -12,6 +12,7 @@ import sys
 import traceback
 
 EXIT_OK, EXIT_NOT_EQUIVALENT, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a tool whose reader went away
 
 EPILOG = """exit codes:
   0  every check held
@@ -20,6 +21,7 @@ EPILOG = """exit codes:
   2  bad usage or bad input (unknown model or pass, wrong input shape, unwritable path, a model
      torch.export cannot capture: the message says where and what to do, ...)
   3  internal error: a pass crashed or left a malformed graph (the pass and node are named), or a bug in qlfx
+  141 the reader of the output went away (`qlfx diff ... | head`), as for any Unix tool
 
 debugging (LLVM opt / Polygraphy style):
   qlfx run MODEL --passes a,b --bisect        first bad pass and first bad rewrite site
@@ -414,6 +416,14 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # the reader stopped reading (`qlfx diff ... | head`): stop quietly like any Unix tool, and point
+        # stdout at /dev/null so the interpreter's final flush does not raise again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return EXIT_BROKEN_PIPE
     except Exception:
         traceback.print_exc()
         print("\nerror: internal error in qlfx (exit 3). Please report it with the traceback above.", file=sys.stderr)

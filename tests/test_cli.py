@@ -393,3 +393,16 @@ def test_train_mode_model_gets_a_warning_and_is_switched_to_eval_mode(tmp_path, 
     captured = capsys.readouterr()
     assert "is in train mode; qlfx switches it to eval mode" in captured.err
     assert "fold-bn" in captured.out
+
+
+def test_diff_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """`qlfx diff A B | head -1`: the reader closes the pipe after one line; qlfx stops like a Unix tool."""
+    dump = tmp_path / "dump"
+    assert main(["run", *MODEL, "--passes", "fold-bn", "--dump-dir", str(dump)]) == EXIT_OK
+    command = [sys.executable, "-m", "qlfx.cli", "diff", str(dump / "000_input.py"), str(dump / "001_fold-bn.py"),
+               "--width", "20000"]  # wide columns: far more output than a pipe buffer holds
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert proc.returncode == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
