@@ -350,7 +350,7 @@ def _artifact_runner(path: Path):
             module = load(path)
         except Exception as err:
             raise UsageError(f"cannot load TVM module '{path}': {type(err).__name__}: {str(err).strip()[:300]}") from err
-        return "tvm", lambda arrays: module(*arrays)
+        return "tvm", lambda arrays: module.run(*arrays)
     raise UsageError(f"unknown artifact type '{path.suffix}' for '{path}': give an .onnx file or a TVM .so export")
 
 

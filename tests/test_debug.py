@@ -287,7 +287,6 @@ def test_compare_errors(tmp_path):
         debug.compare_artifact(net, tmp_path / "m.pt", (torch.randn(1, 3, 4, 4),))
 
 
-@pytest.mark.slow  # a TVM build: ~7-20 s
 def test_compare_tvm_artifact(tmp_path):
     try:
         from qlfx.emit.tvm import build_tvm  # noqa: F401

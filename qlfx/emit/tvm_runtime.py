@@ -119,12 +119,22 @@ def _flatten_outputs(result: Any) -> list[np.ndarray]:
 
 
 class LoadedModule(VMRunner):
-    """A module loaded from an export. ``model(*numpy_arrays)`` -> list of numpy arrays."""
+    """A module loaded from an export. ``model(*numpy_arrays)`` returns what ``TVMModule`` returns (and
+    the torch model did): one array for a single output, a tuple for several. ``model.run(*arrays)``
+    always returns a list, as onnxruntime's ``session.run`` does."""
 
     def __init__(self, library: Any, metadata: dict, device=None):
         device = device if device is not None else device_for(metadata.get("device", "cpu"))
         super().__init__(library, device, metadata["inputs"], metadata["num_outputs"], metadata.get("entry", "main"))
         self.metadata = metadata
+        self.multi_output = bool(metadata.get("multi_output", self.num_outputs != 1))
+
+    def run(self, *arrays: np.ndarray) -> list[np.ndarray]:
+        return VMRunner.__call__(self, *arrays)
+
+    def __call__(self, *arrays: np.ndarray):
+        outputs = self.run(*arrays)
+        return tuple(outputs) if self.multi_output else outputs[0]
 
 
 def load(path: str | os.PathLike, device=None) -> LoadedModule:
