@@ -182,7 +182,7 @@ def main(argv=None) -> None:
         st = sparse.report.rows[-1].result.stats
         rows.append(row("+ sparsify", sparse, data, x1, False,
                         f"{st['zeros_created']} exact zeros; bytes {st['dense_bytes']:,} -> {st['compressed_bytes']:,}; "
-                        f"max rel err {sparse.report.rows[-1].check.needed:.1e}"))
+                        f"err/max|ref| {sparse.report.rows[-1].check.needed:.1e}"))
         curves = {"pca": [(base_macs, base_acc)], "magnitude": [(base_macs, base_acc)]}
         headline = None
         for drop in drops:

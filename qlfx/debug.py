@@ -36,7 +36,7 @@ from .errors import EquivalenceError, PassError, UsageError
 from .graphviz import dot_available, render_svg, to_dot
 from .instruments import Instrument, graph_code, parse_graph_code, touched_nodes
 from .io import atomic_write, ensure_writable_dir
-from .verify import (Tolerance, _merge, compare_tensor, first_divergence, random_inputs,
+from .verify import (ERROR_COLUMNS, Tolerance, _merge, error_cells, compare_tensor, first_divergence, random_inputs,
                      run_outputs)
 
 aten = torch.ops.aten
@@ -461,24 +461,17 @@ def adopt_report_times(collector: ReportCollector, report) -> None:
             stage.seconds = row.seconds
 
 
-def _fmt_err(check) -> tuple[str, str, str]:
-    if check is None:
-        return "-", "-", "-"
-    return f"{check.max_abs:.2e}", f"{check.max_rel:.2e}", f"{check.needed:.2e}"
-
-
 def render_markdown(stages: Sequence[StageRecord], title: str = "qlfx report", error: str | None = None,
                     svg_dir: str | None = None) -> str:
     out = [f"# {title}", ""]
     if error:
         out += ["**FAILED**", "", "```", error, "```", ""]
-    out += ["| # | pass | contract | changed | max abs err | max rel err | tol needed | params | MACs | seconds |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    out += ["| # | pass | contract | changed | " + " | ".join(c.replace("|", "\\|") for c in ERROR_COLUMNS)
+            + " | params | MACs | seconds |", "|---" * (7 + len(ERROR_COLUMNS)) + "|"]
     for s in stages:
-        a, r, nd = _fmt_err(s.check)
         flag = " **(broke equivalence)**" if s.failed else ""
-        out.append(f"| {s.index} | {s.name}{flag} | {s.contract} | {'yes' if s.changed else 'no'} | {a} | {r} | {nd} | "
-                   f"{s.params:,} | {s.macs:,} | {s.seconds:.3f} |")
+        out.append(f"| {s.index} | {s.name}{flag} | {s.contract} | {'yes' if s.changed else 'no'} | "
+                   + " | ".join(error_cells(s.check)) + f" | {s.params:,} | {s.macs:,} | {s.seconds:.3f} |")
     for s in stages[1:]:
         out += ["", f"## {s.index:03d} {s.name} ({s.contract})", ""]
         if s.check is not None:
@@ -506,11 +499,10 @@ def render_html(stages: Sequence[StageRecord], title: str = "qlfx report", error
     e = html.escape
     rows = []
     for s in stages:
-        a, r, nd = _fmt_err(s.check)
         cls = ' class="bad"' if s.failed else ""
         rows.append(f"<tr{cls}><td>{s.index}</td><td><a href='#stage{s.index}'>{e(s.name)}</a></td><td>{s.contract}</td>"
-                    f"<td>{'yes' if s.changed else 'no'}</td><td>{a}</td><td>{r}</td><td>{nd}</td>"
-                    f"<td>{s.params:,}</td><td>{s.macs:,}</td><td>{s.seconds:.3f}</td></tr>")
+                    f"<td>{'yes' if s.changed else 'no'}</td>" + "".join(f"<td>{c}</td>" for c in error_cells(s.check))
+                    + f"<td>{s.params:,}</td><td>{s.macs:,}</td><td>{s.seconds:.3f}</td></tr>")
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>{e(title)}</title><style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}"
@@ -523,8 +515,9 @@ def render_html(stages: Sequence[StageRecord], title: str = "qlfx report", error
         parts.append(f"<h2 style='color:#a00'>FAILED</h2><pre>{e(error)}</pre>")
     if note:
         parts.append(f"<p><i>{e(note)}</i></p>")
-    parts.append("<table><tr><th>#</th><th>pass</th><th>contract</th><th>changed</th><th>max abs err</th>"
-                 "<th>max rel err</th><th>tol needed</th><th>params</th><th>MACs</th><th>seconds</th></tr>")
+    parts.append("<table><tr><th>#</th><th>pass</th><th>contract</th><th>changed</th>"
+                 + "".join(f"<th>{e(c)}</th>" for c in ERROR_COLUMNS)
+                 + "<th>params</th><th>MACs</th><th>seconds</th></tr>")
     parts += rows + ["</table>"]
     for s in stages:
         parts.append(f"<h2 id='stage{s.index}'>{s.index:03d} {e(s.name)} <small>({s.contract})</small></h2><ul>")

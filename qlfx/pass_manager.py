@@ -25,8 +25,8 @@ import torch.fx as fx
 
 from . import ir
 from .errors import EquivalenceError, PassError, QlfxError, UnknownPassError, UsageError
-from .verify import (EquivalenceCheck, Tolerance, check_accuracy, check_against, compare_outputs, first_divergence,
-                     random_inputs)
+from .verify import (ERROR_COLUMNS, EquivalenceCheck, Tolerance, check_accuracy, check_against, compare_outputs,
+                     error_cells, first_divergence, random_inputs)
 
 CONTRACTS = ("exact", "equivalent", "lossy")
 
@@ -224,16 +224,11 @@ class Report:
     rows: list[ReportRow] = field(default_factory=list)
 
     def __str__(self) -> str:
-        head = ("pass", "contract", "changed", "max abs err", "max rel err", "tol needed", "seconds",
-                "params", "nonzero")
+        head = ("pass", "contract", "changed", *ERROR_COLUMNS, "seconds", "params", "nonzero")
         lines = []
         for r in self.rows:
-            c = r.check
-            lines.append((
-                r.pass_name, r.contract, "yes" if r.changed else "no",
-                f"{c.max_abs:.2e}" if c else "-", f"{c.max_rel:.2e}" if c else "-",
-                f"{c.needed:.2e}" if c else "-", f"{r.seconds:.3f}", f"{r.params:,}", f"{r.nonzero:,}",
-            ))
+            lines.append((r.pass_name, r.contract, "yes" if r.changed else "no", *error_cells(r.check),
+                          f"{r.seconds:.3f}", f"{r.params:,}", f"{r.nonzero:,}"))
         widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
         fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
         out = [fmt.format(*head), fmt.format(*("-" * w for w in widths))]

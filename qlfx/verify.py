@@ -100,10 +100,26 @@ class EquivalenceCheck:
     def needed(self) -> float:
         return max((o.needed for o in self.outputs), default=0.0)
 
+    @property
+    def allowed(self) -> float:
+        """The tolerance ``needed`` is held to (the tightest over the outputs)."""
+        return min((o.allowed for o in self.outputs), default=0.0)
+
     def summary(self) -> str:
         bad = [o for o in self.outputs if not o.passed] or self.outputs
         text = "; ".join(str(o) for o in bad) + f" over {self.inputs_checked} input set(s)"
         return text + (f"; {self.accuracy}" if self.accuracy is not None else "")
+
+
+# Report column names, one vocabulary for every report: the checked quantity is "err/max|ref|", held to
+# "allowed"; the elementwise relative error is information (it can exceed the tolerance and still pass).
+ERROR_COLUMNS = ("err/max|ref|", "allowed", "max abs err", "elementwise rel")
+
+
+def error_cells(check: "EquivalenceCheck | None") -> tuple[str, str, str, str]:
+    if check is None:
+        return ("-",) * len(ERROR_COLUMNS)
+    return f"{check.needed:.2e}", f"{check.allowed:.0e}", f"{check.max_abs:.2e}", f"{check.max_rel:.2e}"
 
 
 @dataclass
