@@ -31,11 +31,11 @@ import torch.fx as fx
 
 from qlfx import ir
 from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
+from qlfx.requirements import BN_FOLDED, CONSTANTS_FOLDED
 
 
-def _conv_macs(gm: fx.GraphModule, conv: ir.ConvCall) -> int:
-    weight = ir.get_tensor(gm, conv.weight)
-    return math.prod(weight.shape[1:]) * math.prod(ir.shape(conv.node)[1:])
+def _conv_macs(conv: ir.ConvCall) -> int:
+    return math.prod(ir.shape(conv.weight)[1:]) * math.prod(ir.shape(conv.node)[1:])
 
 
 def break_even_rank(weight_shape) -> float:
@@ -50,22 +50,39 @@ class Factor(Pass):
     description = "split convs into conv + identity 1x1 conv: a GL channel space slice can shrink (low-rank factorization)"
     contract = "equivalent"  # the bias moves to a separate add: the same value up to rounding
     option_defaults = {"min_share": 0.05, "all": False}
+    # The choice reads the symmetry analysis, which a BN (a per-channel map) pins down, and the weight's values.
+    requires = (BN_FOLDED, CONSTANTS_FOLDED)
+    site_noun = "conv"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         from qlfx.symmetry import analyze
 
         result = PassResult(changed=False)
-        convs = [c for c in map(ir.ConvCall.of, gm.graph.nodes) if c is not None and ir.shape(c.node) is not None]
-        total = sum(_conv_macs(gm, c) for c in convs if ir.is_constant(c.weight)) or 1
+        convs = [c for c in map(ir.ConvCall.of, gm.graph.nodes)
+                 if c is not None and ir.shape(c.node) is not None and ir.shape(c.weight) is not None]
+        # a weight computed from weights alone counts: constant-fold turns it into a stored one
+        total = sum(_conv_macs(c) for c in convs
+                    if ir.is_constant(c.weight) or CONSTANTS_FOLDED.violated_by(c.weight)) or 1
         report = analyze(gm)
         for conv in convs:
             node = conv.node
-            if conv.groups != 1 or not ir.is_constant(conv.weight):
-                continue  # depthwise / grouped convs and computed weights: nothing to factor
-            share = _conv_macs(gm, conv) / total
-            weight = ir.get_tensor(gm, conv.weight)
+            if conv.groups != 1:
+                continue  # depthwise / grouped convs: nothing to factor
+            if not ir.is_constant(conv.weight) and not CONSTANTS_FOLDED.violated_by(conv.weight):
+                continue  # a weight computed from the input: no fixed matrix to factor
+            share = _conv_macs(conv) / total
             if share < float(self.options["min_share"]):
                 continue
+            if not ir.is_constant(conv.weight):
+                result.skipped.append(Skip(node.name, f"its weight is computed in the graph "
+                                                      f"({ir.describe(conv.weight)})", needs=CONSTANTS_FOLDED))
+                continue
+            bns = [u for u in node.users if BN_FOLDED.violated_by(u)]
+            if bns:  # a BN scales each channel: the analysis sees a pinned space that folding would free
+                result.skipped.append(Skip(node.name, f"its output feeds the batchnorm {bns[0].name}, which fixes its "
+                                                      f"channel space's group until folded", needs=BN_FOLDED))
+                continue
+            weight = ir.get_tensor(gm, conv.weight)
             if break_even_rank(weight.shape) < 2:
                 result.skipped.append(Skip(node.name, f"no inner width pays (r* = {break_even_rank(weight.shape):.1f})"))
                 continue

@@ -75,12 +75,18 @@ import qlfx.ops  # noqa: F401  (registers torch.ops.qlfx.branch_product)
 from qlfx import ir
 from qlfx.ops import branch_product_kind
 from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
+from qlfx.requirements import BN_FOLDED, CONSTANTS_FOLDED, NO_DEAD_CODE, Requirement
 
 BRANCH_PRODUCT = torch.ops.qlfx.branch_product.default
 
 
 class _NoMatch(Exception):
-    """Why a product is not fused (the message goes into PassResult.skipped)."""
+    """Why a product is not fused (the message goes into PassResult.skipped); ``needs``: the requirement
+    whose establishing pass would have let it match (a BN fold-bn folds, a weight constant-fold stores)."""
+
+    def __init__(self, message: str, needs: Requirement | None = None):
+        super().__init__(message)
+        self.needs = needs
 
 
 @dataclass
@@ -121,6 +127,8 @@ def _factor(node: fx.Node) -> Factor:
     conv = ir.ConvCall.of(source)
     if conv is None:
         what = f"{node.name} (a channel slice of {ir.describe(source)})" if slices else ir.describe(node)
+        if BN_FOLDED.violated_by(source):  # conv -> BN: once folded, the conv itself is the factor
+            raise _NoMatch(f"factor {what} is a batchnorm's output, not a conv's", needs=BN_FOLDED)
         raise _NoMatch(f"factor {what} is not a conv (or a channel slice of one)")
     if rows is not None and conv.groups != 1:
         raise _NoMatch(f"factor {node.name} slices the grouped conv {source.name} "
@@ -130,10 +138,16 @@ def _factor(node: fx.Node) -> Factor:
 
 def _stored(node, what: str, conv_name: str) -> None:
     if node is not None and not ir.is_constant(node):
-        raise _NoMatch(
-            f"the {what} of {conv_name} is computed in the graph ({ir.describe(node)}), not a stored constant; "
-            f"run constant-fold before fuse-product"
-        )
+        computed = CONSTANTS_FOLDED.violated_by(node)  # from weights alone: constant-fold stores it
+        raise _NoMatch(f"the {what} of {conv_name} is computed in the graph ({ir.describe(node)}), not a stored "
+                       f"constant" + ("" if computed else " (it depends on the input)"),
+                       needs=CONSTANTS_FOLDED if computed else None)
+
+
+def _used_elsewhere(others: list[fx.Node], message: str) -> _NoMatch:
+    """Other users of a factor block the fusion; when every one of them is dead, dce would remove them."""
+    dead = all(NO_DEAD_CODE.violated_by(u) for u in others)
+    return _NoMatch(message + (" (nothing reads them)" if dead else ""), needs=NO_DEAD_CODE if dead else None)
 
 
 def _symmetric_padding(conv: ir.ConvCall, kernel: tuple[int, int]) -> tuple[int, int]:
@@ -152,6 +166,8 @@ class FuseProduct(Pass):
     name = "fuse-product"
     description = "fuse a product of two linear branches of one input (conv1x1 * conv1x1|dwconv) into qlfx::branch_product"
     contract = "equivalent"
+    requires = (BN_FOLDED, CONSTANTS_FOLDED, NO_DEAD_CODE)
+    site_noun = "product"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False, stats={"pointwise": 0, "depthwise": 0})
@@ -164,7 +180,7 @@ class FuseProduct(Pass):
             try:
                 a, b = self._match(gm, node, factors)
             except _NoMatch as why:
-                result.skipped.append(Skip(node.name, str(why)))
+                result.skipped.append(Skip(node.name, str(why), needs=why.needs))
                 continue
             if not ctx.allow_rewrite():
                 result.skipped.append(Skip(node.name, "rewrite limit reached (bisection)"))
@@ -189,14 +205,16 @@ class FuseProduct(Pass):
             _stored(f.conv.bias, "bias", f.conv.node.name)
         for f in (a, b):
             if set(f.node.users) != {mul}:
-                others = [u.name for u in f.node.users if u is not mul]
-                raise _NoMatch(f"{f.node.name} is also used by {', '.join(others)}; fusing would compute it twice")
+                others = [u for u in f.node.users if u is not mul]
+                raise _used_elsewhere(others, f"{f.node.name} is also used by "
+                                      f"{', '.join(u.name for u in others)}; fusing would compute it twice")
             # every value between the conv and the factors feeds the factors only
             inside = {a.node, b.node, *a.slices, *b.slices, mul}
             for n in (f.conv.node, *f.slices):
-                outside = [u.name for u in n.users if u not in inside]
+                outside = [u for u in n.users if u not in inside]
                 if outside:
-                    raise _NoMatch(f"the output of {n.name} is also used by {', '.join(outside)}")
+                    raise _used_elsewhere(outside, f"the output of {n.name} is also used by "
+                                                      f"{', '.join(u.name for u in outside)}")
         if not a.conv.is_pointwise:
             a, b = b, a
         if not a.conv.is_pointwise:

@@ -223,6 +223,7 @@ def compile(
     dynamic_batch: bool = False,
     verify_inputs: int = 2,
     seed: int = 0,
+    auto_prereqs: bool = False,
 ) -> Compiled:
     """Capture ``model`` with torch.export and run ``passes`` on it, checking equivalence after every pass.
 
@@ -232,13 +233,16 @@ def compile(
     such as ``slice<accuracy_drop=0.5>``.
     ``dynamic_batch``: capture with a symbolic batch size (dim 0 of every input), so the graph and the
     emitted ONNX / TVM modules run at any batch size; the checks then also run at another batch size.
+    ``auto_prereqs``: before a pass whose requirement does not hold (``fuse-product`` needs ``bn-folded``,
+    see :mod:`qlfx.requirements`), run the pass that establishes it (``fold-bn``), once; without it the
+    report says which pass each skipped site needed. ``Compiled.passes`` lists what ran.
     The user's model is never modified: capture works on a deep copy.
     """
     session = prepare(model, passes, example_inputs, calibration, labels, config, dynamic_batch)
     if isinstance(tolerance, (int, float)):
         tolerance = Tolerance(rel=float(tolerance))
     manager = PassManager(session.pipeline, instruments=instruments, verify=verify, tolerance=tolerance,
-                          verify_inputs=verify_inputs, seed=seed)
+                          verify_inputs=verify_inputs, seed=seed, auto_prereqs=auto_prereqs)
     report = session.check_trace(manager)
     gm, report = manager.run(session.graph, session.context, report)
-    return Compiled(gm, report, session.pipeline, session.context)
+    return Compiled(gm, report, manager.executed, session.context)

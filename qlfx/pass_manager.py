@@ -12,6 +12,11 @@ before the pass survives as the reference and as the last good graph):
 
 Pipelines are lists of names/Pass objects or strings ``"fold-bn,dce"``; options go in angle brackets,
 LLVM style: ``"slice<budget=0.01>,dce"``.
+
+A pass may declare what it needs from the graph in ``requires`` (:mod:`qlfx.requirements`: ``bn-folded``,
+``constants-folded``, ...). The manager checks each before the pass runs; an unmet one is reported with
+the pass that establishes it ("fuse-product needs fold-bn first (16 products are blocked by a BN)"), and
+with ``auto_prereqs=True`` that pass is run first.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import torch.fx as fx
 
 from . import ir
 from .errors import EquivalenceError, PassError, QlfxError, UnknownPassError, UsageError
+from .requirements import Requirement, UnmetRequirement
 from .verify import (ERROR_COLUMNS, EquivalenceCheck, Tolerance, check_accuracy, check_against, compare_outputs,
                      error_cells, first_divergence, random_inputs)
 
@@ -33,13 +39,18 @@ CONTRACTS = ("exact", "equivalent", "lossy")
 
 @dataclass
 class Skip:
-    """A place a pass looked at and left alone, and why."""
+    """A place a pass looked at and left alone, and why. ``needs``: the requirement whose violation
+    blocked it (e.g. ``requirements.BN_FOLDED`` for a product whose factor is a BN), so the report can
+    say which pass would have enabled it."""
 
     site: str
     reason: str
+    needs: Requirement | None = None
 
     def __str__(self) -> str:
-        return f"{self.site}: {self.reason}"
+        if self.needs is None:
+            return f"{self.site}: {self.reason}"
+        return f"{self.site}: {self.reason} [needs {self.needs.name}: {self.needs.what_enables}]"
 
 
 @dataclass
@@ -49,19 +60,25 @@ class PassResult:
     skipped: list[Skip] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     stats: dict[str, Any] = field(default_factory=dict)
+    # Filled in by the pass manager: the pass's requirements that did not hold when it ran.
+    unmet: list[UnmetRequirement] = field(default_factory=list)
 
 
 class Pass:
     """Base class. Subclasses set ``name``, ``description``, ``contract`` and implement ``run``.
 
     ``options`` are keyword arguments from the pipeline string or the constructor; a pass declares the
-    ones it takes in ``option_defaults``.
+    ones it takes in ``option_defaults``. ``requires``: what it needs from the graph (see
+    :mod:`qlfx.requirements`); ``site_noun``: what its sites are, for the report ("16 products are
+    blocked by a BN").
     """
 
     name: str = ""
     description: str = ""
     contract: str = "equivalent"
     option_defaults: dict[str, Any] = {}
+    requires: tuple[Requirement, ...] = ()
+    site_noun: str = "site"
 
     def __init__(self, **options):
         unknown = set(options) - set(self.option_defaults)
@@ -257,7 +274,10 @@ class Report:
                           {"before": r.check.accuracy.before, "after": r.check.accuracy.after,
                            "samples": r.check.accuracy.samples, "allowed_drop": r.check.accuracy.allowed_drop}),
              "rewrites": r.result.rewrites if r.result else [],
-             "skipped": [str(s) for s in r.result.skipped] if r.result else []}
+             "skipped": [str(s) for s in r.result.skipped] if r.result else [],
+             "unmet_requirements": ([{"requirement": u.requirement.name, "established_by": u.requirement.established_by,
+                                      "blocked": u.blocked, "message": u.message} for u in r.result.unmet]
+                                    if r.result else [])}
             for r in self.rows
         ]
 
@@ -271,8 +291,12 @@ class PassManager:
     """
 
     def __init__(self, passes: Sequence[Pass], instruments: Sequence[Any] = (), verify: bool = True,
-                 tolerance: Tolerance | None = None, verify_inputs: int = 2, seed: int = 0):
+                 tolerance: Tolerance | None = None, verify_inputs: int = 2, seed: int = 0,
+                 auto_prereqs: bool = False):
         self.passes = list(passes)
+        # Run the pass that establishes an unmet requirement before the pass that needs it (once each).
+        self.auto_prereqs = auto_prereqs
+        self.executed: list[Pass] = []  # what the last run() ran, inserted prerequisites included
         self.instruments = list(instruments)
         self.verify = verify
         self.tolerance = tolerance or Tolerance()
@@ -370,37 +394,81 @@ class PassManager:
             self._reference_outputs = None
         for inst in self.instruments:
             inst.on_start(gm)
-        reference_outputs = getattr(self, "_reference_outputs", None)
-        for index, p in enumerate(self.passes, start=1):
-            for inst in self.instruments:
-                inst.before_pass(index, p, gm)
-            if self.verify:
-                self._check_labels_for(p, ctx)
-                self._tolerance_for(p)  # a lossy pass without a budget fails before it runs
-            start = time.perf_counter()
-            candidate, result = self.apply(p, gm, ctx, report)
-            seconds = time.perf_counter() - start
-            check = None
-            if self.verify:
-                inputs = self.input_sets(ctx)
-                check, outputs = self.check_pass(p, gm, candidate, ctx, inputs, reference_outputs, report)
-                if not check.passed:
-                    divergence = first_divergence(gm, candidate, inputs[0], self._tolerance_for(p))
-                    params, nonzero = ir.count_params(candidate)
-                    report.rows.append(ReportRow(p.name, p.contract, result.changed, check, seconds, params,
-                                                 nonzero, result))
-                    for inst in self.instruments:
-                        inst.after_pass(index, p, candidate, result, check)
-                    raise EquivalenceError(p.name, check, divergence, gm, report)
-                reference_outputs = outputs
-            params, nonzero = ir.count_params(candidate)
-            report.rows.append(ReportRow(p.name, p.contract, result.changed, check, seconds, params, nonzero, result))
-            for inst in self.instruments:
-                inst.after_pass(index, p, candidate, result, check)
-            gm = candidate
+        self._reference = getattr(self, "_reference_outputs", None)
+        self.executed = []
+        for p in self.passes:
+            gm = self._run_pass(p, gm, ctx, report)
         for inst in self.instruments:
             inst.on_end(gm)
         return gm, report
+
+    def _prerequisite(self, p: Pass, gm: fx.GraphModule) -> tuple[Pass, Requirement] | None:
+        """With ``auto_prereqs``: the pass to run before ``p`` for its first unmet requirement whose
+        establishing pass has not run yet (each runs once: what it cannot establish, it says why)."""
+        if not self.auto_prereqs:
+            return None
+        ran = {q.name for q in self.executed}
+        for r in p.requires:
+            if r.established_by and r.established_by not in ran and r.established_by != p.name and not r.met(gm):
+                return get_pass(r.established_by), r
+        return None
+
+    def _run_pass(self, p: Pass, gm: fx.GraphModule, ctx: PassContext, report: Report,
+                  inserted_for: tuple[Pass, Requirement] | None = None) -> fx.GraphModule:
+        """Run ``p`` (after its prerequisites, with ``auto_prereqs``), check it, record its row; the new graph."""
+        while (prereq := self._prerequisite(p, gm)) is not None:
+            gm = self._run_pass(prereq[0], gm, ctx, report, inserted_for=(p, prereq[1]))
+        ran_before = {q.name for q in self.executed}
+        unmet_before = [(r, len(r.violations(gm))) for r in p.requires]
+        self.executed.append(p)
+        index = len(self.executed)
+        for inst in self.instruments:
+            inst.before_pass(index, p, gm)
+        if self.verify:
+            self._check_labels_for(p, ctx)
+            self._tolerance_for(p)  # a lossy pass without a budget fails before it runs
+        start = time.perf_counter()
+        candidate, result = self.apply(p, gm, ctx, report)
+        seconds = time.perf_counter() - start
+        self._record_requirements(p, result, unmet_before, ran_before, inserted_for)
+        check = None
+        if self.verify:
+            inputs = self.input_sets(ctx)
+            check, outputs = self.check_pass(p, gm, candidate, ctx, inputs, self._reference, report)
+            if not check.passed:
+                divergence = first_divergence(gm, candidate, inputs[0], self._tolerance_for(p))
+                params, nonzero = ir.count_params(candidate)
+                report.rows.append(ReportRow(p.name, p.contract, result.changed, check, seconds, params,
+                                             nonzero, result))
+                for inst in self.instruments:
+                    inst.after_pass(index, p, candidate, result, check)
+                raise EquivalenceError(p.name, check, divergence, gm, report)
+            self._reference = outputs
+        params, nonzero = ir.count_params(candidate)
+        report.rows.append(ReportRow(p.name, p.contract, result.changed, check, seconds, params, nonzero, result))
+        for inst in self.instruments:
+            inst.after_pass(index, p, candidate, result, check)
+        return candidate
+
+    @staticmethod
+    def _record_requirements(p: Pass, result: PassResult, before: list[tuple[Requirement, int]], ran: set[str],
+                             inserted_for: tuple[Pass, Requirement] | None) -> None:
+        """Put on ``result`` (and first in its notes) each requirement of ``p`` that did not hold, with
+        how many of its skipped sites it blocked; say why an inserted prerequisite ran."""
+        notes = []
+        if inserted_for is not None:
+            needer, r = inserted_for
+            notes.append(f"inserted before {needer.name}, which needs {r.name} (auto_prereqs)")
+        for r, violations in before:
+            blocked = sum(1 for s in result.skipped if s.needs is r)
+            if not violations and not blocked:
+                continue
+            unmet = UnmetRequirement(p.name, r, violations, blocked, p.site_noun, r.established_by in ran)
+            if not blocked and unmet.establisher_ran:
+                continue  # its establishing pass ran and what it left blocks nothing here: no news
+            result.unmet.append(unmet)
+            notes.append(unmet.message)
+        result.notes[:0] = notes
 
 
 def _node_in_traceback(err: BaseException, gm: fx.GraphModule) -> str | None:

@@ -9,8 +9,9 @@ import qlfx
 from passtools import ExactButPerturbs
 from qlfx import instruments as ins
 from qlfx import ir
-from qlfx.models import qlnet, randomize_batchnorm
+from qlfx.models import create_model, qlnet, randomize_batchnorm
 from qlfx.pass_manager import Pass, PassResult, parse_pipeline
+from qlfx.requirements import BN_FOLDED, CONSTANTS_FOLDED, NO_DEAD_CODE, STATIC_SHAPES
 
 aten = torch.ops.aten
 
@@ -256,3 +257,146 @@ def test_labels_are_validated_against_the_calibration_data():
         qlfx.compile(model, passes=[lossy], example_inputs=(x[:8],), calibration=x)
     with pytest.raises(UsageError, match="needs a budget"):
         qlfx.compile(model, passes=[NegateLogits()], example_inputs=(x[:8],), calibration=x, labels=y)
+
+
+# ------------------------------------------------------------------------------ pass requirements
+BRANCH_PRODUCT = torch.ops.qlfx.branch_product.default
+
+
+def _products(gm):
+    """Products of two computed values (what fuse-product looks at)."""
+    return [n for n in gm.graph.nodes if ir.is_op(n, aten.mul.Tensor)
+            and all(isinstance(a, torch.fx.Node) and not ir.is_constant(a) for a in n.args[:2])]
+
+
+def _fused(gm):
+    return [n for n in gm.graph.nodes if n.target is BRANCH_PRODUCT]
+
+
+def test_fuse_product_alone_says_each_product_needs_fold_bn():
+    compiled = qlfx.compile(_model(), "fuse-product", example_inputs=(torch.randn(1, 3, 32, 32),))
+    gm, row = compiled.graph_module, compiled.report.rows[-1]
+    assert not _fused(gm) and len(_products(gm)) == 4  # one per block: the BN sits between conv and product
+    skipped = row.result.skipped
+    assert len(skipped) == 4 and all(s.needs is BN_FOLDED for s in skipped)
+    assert all("batchnorm" in s.reason and "run fold-bn first" in str(s) for s in skipped)
+    (unmet,) = row.result.unmet
+    assert unmet.requirement is BN_FOLDED and unmet.blocked == 4 and unmet.violations > 4
+    assert "fuse-product needs fold-bn first (4 products are blocked by a BN)" in str(compiled.report)
+    (entry,) = compiled.report.to_dict()[-1]["unmet_requirements"]
+    assert entry["requirement"] == "bn-folded" and entry["established_by"] == "fold-bn" and entry["blocked"] == 4
+
+
+def test_auto_prereqs_runs_fold_bn_first_and_every_product_is_fused():
+    model = _model()
+    x = torch.randn(1, 3, 32, 32)
+    compiled = qlfx.compile(model, "fuse-product", example_inputs=(x,), auto_prereqs=True)
+    rows = compiled.report.rows
+    assert [p.name for p in compiled.passes] == ["fold-bn", "fuse-product"]
+    assert [r.pass_name for r in rows] == ["(trace)", "fold-bn", "fuse-product"]
+    assert rows[1].result.notes[0] == "inserted before fuse-product, which needs bn-folded (auto_prereqs)"
+    assert all(r.check.passed for r in rows)  # the inserted pass is checked like any other
+    gm = compiled.graph_module
+    assert len(_fused(gm)) == 4 and not _products(gm)
+    assert not rows[-1].result.skipped and not rows[-1].result.unmet
+    with torch.no_grad():
+        ref = model(x)
+    assert (compiled(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_the_default_pipeline_meets_every_requirement():
+    compiled = qlfx.compile(_model(), example_inputs=(torch.randn(1, 3, 32, 32),))
+    assert all(not r.result.unmet for r in compiled.report.rows if r.result is not None)
+    assert "needs" not in str(compiled.report)
+
+
+class _ProductOfAnUnfoldableBN(torch.nn.Module):
+    """z = BN(h), h = conv(u) also read elsewhere: fold-bn cannot fold the BN (no rule applies), so it
+    still blocks the product z[:, :4] * z[:, 4:] after fold-bn ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 8, 1)
+        self.bn = torch.nn.BatchNorm2d(8)
+
+    def forward(self, u):
+        h = self.conv(u)
+        z = self.bn(h)
+        return z[:, :4] * z[:, 4:] + h[:, :4]
+
+
+def test_what_the_establishing_pass_left_is_reported_and_it_is_not_run_again():
+    model = randomize_batchnorm(_ProductOfAnUnfoldableBN(), seed=1).eval()
+    compiled = qlfx.compile(model, "fold-bn,fuse-product", example_inputs=(torch.randn(1, 4, 6, 6),),
+                            auto_prereqs=True)
+    assert [p.name for p in compiled.passes] == ["fold-bn", "fuse-product"]
+    (unmet,) = compiled.report.rows[-1].result.unmet
+    assert unmet.blocked == 1 and unmet.establisher_ran
+    assert unmet.message == ("fuse-product needs bn-folded, which fold-bn left unmet (1 product is blocked by a BN; "
+                             "see fold-bn's skipped notes)")
+    assert compiled.report.rows[1].result.skipped  # and fold-bn says why it left the BN
+
+
+class _LeavesADeadNode(Pass):
+    name = "test-leaves-dead-node"
+    description = "test pass: adds a relu of the input that nothing reads"
+
+    def run(self, gm, ctx):
+        x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        with gm.graph.inserting_after(x):
+            ir.call(gm, aten.relu.default, (x,), like=x)
+        return PassResult(changed=True)
+
+
+class _Needs(Pass):
+    """A test pass that only declares requirements (and so names no site they blocked)."""
+
+    name = "test-needs"
+    description = "test pass: declares requirements, changes nothing"
+    site_noun = "conv"
+
+    def __init__(self, *requires):
+        super().__init__()
+        self.requires = requires
+
+    def run(self, gm, ctx):
+        return PassResult(changed=False)
+
+
+def test_an_unmet_requirement_no_site_names_is_reported_with_the_graph_count():
+    x = torch.randn(1, 3, 32, 32)
+    compiled = qlfx.compile(_model(), [_LeavesADeadNode(), _Needs(NO_DEAD_CODE)], example_inputs=(x,))
+    assert compiled.report.rows[-1].result.notes == [
+        "test-needs needs dce first (the graph has 1 dead node; no conv was skipped for one)"]
+
+
+def test_auto_prereqs_inserts_each_establishing_pass_once():
+    x = torch.randn(1, 3, 32, 32)
+    compiled = qlfx.compile(_model(), [_LeavesADeadNode(), _Needs(NO_DEAD_CODE), _Needs(NO_DEAD_CODE, BN_FOLDED)],
+                            example_inputs=(x,), auto_prereqs=True)
+    assert [p.name for p in compiled.passes] == ["test-leaves-dead-node", "dce", "test-needs", "fold-bn",
+                                                 "test-needs"]
+    assert all(not r.result.unmet for r in compiled.report.rows[1:])
+    assert not NO_DEAD_CODE.violations(compiled.graph_module) and BN_FOLDED.met(compiled.graph_module)
+
+
+def test_a_requirement_no_pass_establishes_says_what_to_do_instead():
+    compiled = qlfx.compile(_model(), [_Needs(STATIC_SHAPES)], example_inputs=(torch.randn(2, 3, 32, 32),),
+                            dynamic_batch=True, auto_prereqs=True)
+    assert [p.name for p in compiled.passes] == ["test-needs"]  # nothing to insert
+    (note,) = compiled.report.rows[-1].result.notes
+    assert note.startswith("test-needs needs static-shapes: capture with static shapes (drop dynamic_batch")
+    # captured with static shapes the requirement holds, and nothing is said
+    static = qlfx.compile(_model(), [_Needs(STATIC_SHAPES)], example_inputs=(torch.randn(2, 3, 32, 32),))
+    assert not static.report.rows[-1].result.notes and STATIC_SHAPES.met(static.graph_module)
+
+
+def test_constants_folded_is_what_constant_fold_establishes():
+    """The predicate agrees with the pass: what constant-fold stores is what constants-folded flags."""
+    model = create_model("qlnet-eq3-tiny").eval()  # the shared kernel w.repeat(C, 1, 1, 1) per block
+    x = torch.randn(1, 3, 32, 32)
+    gm = qlfx.trace(model, (x,))
+    flagged = CONSTANTS_FOLDED.violations(gm)
+    assert flagged and all(ir.op_name(n) == "repeat" for n in flagged)
+    folded = qlfx.compile(model, "constant-fold", example_inputs=(x,)).graph_module
+    assert CONSTANTS_FOLDED.met(folded)

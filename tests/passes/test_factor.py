@@ -11,6 +11,7 @@ from passtools import rel_error
 from qlfx import ir
 from qlfx.models import randomize_batchnorm
 from qlfx.debug import count_macs
+from qlfx.requirements import BN_FOLDED
 from qlfx.symmetry import analyze
 
 
@@ -60,6 +61,21 @@ def test_factor_is_equivalent_and_makes_a_gl_space():
     assert groups == {"GL"}, groups
     with torch.no_grad():
         assert rel_error(model(x), gm(x)) <= 1e-5
+
+
+def test_factor_before_fold_bn_names_fold_bn_and_auto_prereqs_runs_it():
+    """A BN after the conv pins its channel space until folded: factor skips it and says fold-bn would
+    decide; with auto_prereqs the stem is factored as after an explicit fold-bn."""
+    model = ReluStem().eval()
+    x = _x()
+    alone = qlfx.compile(model, "factor", example_inputs=(x[:4],)).report.rows[-1].result
+    (skip,) = [s for s in alone.skipped if s.site == "stem"]
+    assert skip.needs is BN_FOLDED and "run fold-bn first" in str(skip)
+    assert not any(r.startswith("stem:") for r in alone.rewrites)  # the rest it still does (proj)
+    assert "factor needs fold-bn first (1 conv is blocked by a BN)" in alone.notes
+    auto = qlfx.compile(model, "factor", example_inputs=(x[:4],), auto_prereqs=True)
+    assert [p.name for p in auto.passes] == ["fold-bn", "factor"]
+    assert any(r.startswith("stem:") for r in auto.report.rows[-1].result.rewrites)
 
 
 def test_merge_pointwise_multiplies_the_convs_back():

@@ -13,6 +13,7 @@ import qlfx.ops  # noqa: F401
 import qlfx.passes.fuse_product  # noqa: F401  (registers the pass even before passes/__init__ imports it)
 from qlfx.models import QLNet, create_model, qlnet, qlnet_eq3, randomize_batchnorm
 from qlfx.pass_manager import PassContext, get_pass
+from qlfx.requirements import CONSTANTS_FOLDED
 from qlfx.verify import Tolerance, compare_tensor, run_outputs
 
 from blocks import ConvNet, randomize
@@ -148,7 +149,8 @@ def test_eq3_before_constant_fold_says_why():
     result = fuse_result(compiled)
     assert not fused_nodes(compiled.graph_module)
     assert len(result.skipped) == 4
-    assert all("computed in the graph" in s.reason and "constant-fold" in s.reason for s in result.skipped)
+    assert all("computed in the graph" in s.reason and s.needs is CONSTANTS_FOLDED for s in result.skipped)
+    assert all("run constant-fold first" in str(s) for s in result.skipped)
 
 
 # ------------------------------------------------------------------------------------ toy models
