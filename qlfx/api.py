@@ -12,11 +12,12 @@ import torch.fx as fx
 import torch.nn as nn
 
 from . import capture as capture_module
+from .defaults import DEFAULT_PIPELINE
 from .errors import QlfxError, UsageError
 from .pass_manager import Pass, PassContext, PassManager, Report, parse_pipeline
 from .verify import Tolerance
 
-DEFAULT_PIPELINE = "fold-bn,merge-parallel,constant-fold,dce,fuse-product,expand-depthwise"
+__all__ = ["compile", "Compiled", "DEFAULT_PIPELINE", "prepare", "Session"]
 
 
 class Compiled:

@@ -7,6 +7,7 @@ input (unknown model/pass, wrong shape, unwritable path, a model torch.export ca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import traceback
@@ -29,6 +30,7 @@ debugging (LLVM opt / Polygraphy style):
   qlfx diff D/000_input.py D/001_fold-bn.py   nodes added / removed / changed, code diff
   qlfx run MODEL --report r.html (or .md)     per pass: contract, changed nodes, errors, params, MACs, time, picture
   qlfx run MODEL --emit onnx -o m.onnx && qlfx compare MODEL m.onnx    per-output errors, smallest passing tol
+  qlfx run MODEL --passes fuse-product --auto-prereqs   first run what each pass needs (fold-bn), see `qlfx passes`
 
 MODEL is a zoo name (qlnet50, qlnet-eq3, qlnet-tiny, ... see `qlfx models`), path/to/file.py:factory or
 package.module:factory (factory: a callable returning an nn.Module, or an nn.Module object)."""
@@ -41,7 +43,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .api import DEFAULT_PIPELINE
+    from .defaults import DEFAULT_PIPELINE  # not from .api: the parser must not import torch
 
     parser = argparse.ArgumentParser(
         prog="qlfx", description="qlfx: a compiler for quasi-linear ConvNets (trace, verified passes, emit).",
@@ -65,6 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--passes", default=DEFAULT_PIPELINE,
                      help=f"comma-separated pipeline, options in <>: e.g. 'fold-bn,slice<budget=0.01>' "
                           f"(default: {DEFAULT_PIPELINE})")
+    run.add_argument("--auto-prereqs", action="store_true",
+                     help="before a pass whose requirement does not hold (fuse-product needs bn-folded), run the "
+                          "pass that establishes it (fold-bn), once; without it the report says what each "
+                          "skipped site needed")
     run.add_argument("--print-before", metavar="NAME|all", help="print the IR before this pass (comma list or all)")
     run.add_argument("--print-after", metavar="NAME|all", help="print the IR after this pass (comma list or all)")
     run.add_argument("--print-changed", action="store_true", help="print a diff of the IR after each pass that changed it")
@@ -82,11 +88,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="capture with a symbolic batch size, so the result (and --emit's ONNX / TVM module) runs "
                           "at any batch size; the checks then also run at another batch size")
     run.add_argument("--emit", choices=("onnx", "tvm"),
-                     help="write the result as ONNX or a TVM .so (default: from -o's extension, .onnx or .so)")
-    run.add_argument("-o", "--output", metavar="PATH", help="output path: .onnx for --emit onnx, .so for --emit tvm (its metadata goes beside it as .json)")
+                     help="write the result as ONNX or a TVM module (default: from -o's extension: .onnx, .so or .tar)")
+    run.add_argument("-o", "--output", metavar="PATH",
+                     help="output path: .onnx for --emit onnx; .so (or .tar, tvm's tarball of objects) for --emit tvm, "
+                          "its metadata beside it as .json. A missing folder is created (and said so)")
     run.add_argument("--target", help="TVM target for --emit tvm: llvm or cuda (default llvm)")
     run.add_argument("--tune-trials", type=int, default=0, help="MetaSchedule trials for --emit tvm (default 0)")
     run.add_argument("--tuning-db", metavar="DIR", help="persistent tuning database folder for --emit tvm")
+    run.add_argument("--verbose", action="store_true",
+                     help="show TVM's own logging (with --emit tvm): MetaSchedule's task tables, the C++ runtime's "
+                          "info and warning lines")
     run.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     run.add_argument("--bisect", action="store_true",
                      help="instead of stopping at the first failing check, find the first pass that breaks its "
@@ -108,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("a", metavar="A", help="first stage file (e.g. DIR/000_input.py)")
     diff.add_argument("b", metavar="B", help="second stage file (e.g. DIR/001_fold-bn.py)")
     diff.add_argument("--unified", "-u", action="store_true", help="a unified diff instead of two columns")
-    diff.add_argument("--width", type=int, default=160, help="total width of the two columns (default 160)")
+    diff.add_argument("--width", type=int, help="total width of the two columns (default 160)")
     diff.add_argument("--nodes-only", action="store_true", help="only the lists of changed nodes")
 
     cmp = sub.add_parser(
@@ -123,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="relative tolerance: max|new-ref| <= REL * max|ref| (default 1e-4)")
     cmp.add_argument("--inputs", type=int, default=3, metavar="N", help="number of random input sets (default 3)")
     cmp.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    cmp.add_argument("--verbose", action="store_true", help="show TVM's own logging while loading a TVM ARTIFACT")
 
     sym = sub.add_parser(
         "symmetry", help="trace MODEL, fold batchnorm, and print its channel spaces and symmetry groups",
@@ -149,7 +161,11 @@ def _example_inputs(args):
 def cmd_passes(args) -> int:
     from .pass_manager import list_passes
 
-    rows = [(name, cls.contract, cls.description) for name, cls in list_passes().items()]
+    def needs(cls) -> str:  # what the pass requires, and which pass establishes it (--auto-prereqs runs that)
+        items = [f"{r.name} ({r.established_by or 'capture'})" for r in cls.requires]
+        return f"  [needs {', '.join(items)}]" if items else ""
+
+    rows = [(name, cls.contract, cls.description + needs(cls)) for name, cls in list_passes().items()]
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     for name, contract, desc in rows:
@@ -168,27 +184,24 @@ def cmd_models(args) -> int:
 def cmd_run(args) -> int:
     import json
 
+    _check_run_flags(args)  # these two import nothing heavy (no torch): bad usage fails in milliseconds
+    folders = _check_outputs(args)
+
     from . import debug
     from . import instruments as ins
     from .api import compile as qlfx_compile
-    from .errors import EquivalenceError, PassError, UsageError
+    from .errors import EquivalenceError, PassError
     from .io import atomic_write
     from .loading import load_array, load_label_array, load_model
 
-    _check_run_flags(args)
     for spec in args.load:
         _load_plugin(spec)
-    for path in (args.output, args.json, args.report):
-        if path:
-            _check_output_path(path)
-    if args.report and not args.report.lower().endswith((".html", ".htm", ".md")):
-        raise UsageError(f"--report '{args.report}' must end in .html or .md")
+    pipeline = _check_pipeline(args)  # unknown passes and --print-* names that never print, before any work
+    _make_folders(folders)
+    calibration = load_array(args.calibration) if args.calibration else None
+    labels = load_label_array(args.labels) if args.labels else None
     model = load_model(args.model)
     example = _example_inputs(args)
-    calibration = load_array(args.calibration) if args.calibration else None
-    if args.labels and calibration is None:
-        raise UsageError("--labels needs --calibration: the labels belong to the calibration inputs")
-    labels = load_label_array(args.labels) if args.labels else None
     if args.bisect:
         found = debug.bisect(model, args.passes, example, tolerance=args.tolerance, calibration=calibration,
                              labels=labels, dynamic_batch=args.dynamic_batch, seed=args.seed)
@@ -212,9 +225,9 @@ def cmd_run(args) -> int:
         instruments.append(collector)
     title = f"qlfx run {args.model} --passes {args.passes}"
     try:
-        compiled = qlfx_compile(model, passes=args.passes, example_inputs=example, calibration=calibration, labels=labels,
+        compiled = qlfx_compile(model, passes=pipeline, example_inputs=example, calibration=calibration, labels=labels,
                                 verify=not args.no_verify, tolerance=args.tolerance, instruments=instruments,
-                                dynamic_batch=args.dynamic_batch, seed=args.seed)
+                                dynamic_batch=args.dynamic_batch, seed=args.seed, auto_prereqs=args.auto_prereqs)
     except (EquivalenceError, PassError) as err:
         if collector:
             debug.adopt_report_times(collector, err.report)
@@ -236,13 +249,15 @@ def cmd_run(args) -> int:
         path = compiled.to_onnx(args.output)
         print(f"wrote {path}")
     elif args.emit == "tvm":
-        module = compiled.to_tvm(target=args.target or "llvm", tune_trials=args.tune_trials, tuning_db=args.tuning_db)
-        path = module.export(args.output)
+        with _tvm_logging(args.verbose):
+            module = compiled.to_tvm(target=args.target or "llvm", tune_trials=args.tune_trials,
+                                     tuning_db=args.tuning_db)
+            path = module.export(args.output)
         print(f"wrote {path}")
     return EXIT_OK
 
 
-EMIT_EXTENSIONS = {"onnx": (".onnx",), "tvm": (".so",)}
+EMIT_EXTENSIONS = {"onnx": (".onnx",), "tvm": (".so", ".tar")}
 
 
 def _check_run_flags(args) -> None:
@@ -251,14 +266,14 @@ def _check_run_flags(args) -> None:
     from .errors import UsageError
 
     if args.output and os.path.isdir(args.output):
-        pass  # a folder: _check_output_path says so
+        pass  # a folder: _check_outputs says so
     elif args.output:
         suffix = os.path.splitext(args.output)[1].lower()
         implied = next((kind for kind, exts in EMIT_EXTENSIONS.items() if suffix in exts), None)
         if args.emit is None:
             if implied is None:
                 raise UsageError(f"-o '{args.output}': cannot tell what to write from '{suffix or 'no extension'}'. "
-                                 f"Name it .onnx (ONNX) or .so (TVM module), or give --emit onnx|tvm")
+                                 f"Name it .onnx (ONNX) or .so / .tar (TVM module), or give --emit onnx|tvm")
             args.emit = implied
         elif implied != args.emit:
             wanted = " or ".join(EMIT_EXTENSIONS[args.emit])
@@ -271,18 +286,91 @@ def _check_run_flags(args) -> None:
     needs = [("--target", args.target is not None, "--emit tvm", args.emit == "tvm"),
              ("--tune-trials", args.tune_trials != 0, "--emit tvm", args.emit == "tvm"),
              ("--tuning-db", args.tuning_db is not None, "--emit tvm", args.emit == "tvm"),
+             ("--verbose", args.verbose, "--emit tvm (it shows TVM's own logging)", args.emit == "tvm"),
              ("--labels", args.labels is not None, "--calibration", args.calibration is not None),
              ("--tolerance", args.tolerance is not None, "the checks (drop --no-verify)", not args.no_verify)]
-    if args.bisect:
+    if args.bisect:  # bisect reruns the pipeline its own way: no instruments, no outputs
         needs += [(flag, given, "a normal run (drop --bisect: it reports the bad pass and writes nothing)", False)
                   for flag, given in (("--emit", args.emit is not None), ("--json", args.json is not None),
                                       ("--report", args.report is not None), ("--dump-dir", args.dump_dir is not None),
-                                      ("--no-verify", args.no_verify))]
+                                      ("--svg-dir", args.svg_dir is not None), ("--no-verify", args.no_verify),
+                                      ("--print-before", args.print_before is not None),
+                                      ("--print-after", args.print_after is not None),
+                                      ("--print-changed", args.print_changed), ("--time-passes", args.time_passes),
+                                      ("--auto-prereqs", args.auto_prereqs))]
     for flag, given, other, present in needs:
         if given and not present:
             raise UsageError(f"{flag} has no effect without {other}")
     if args.tune_trials < 0:
         raise UsageError(f"--tune-trials must be >= 0, not {args.tune_trials}")
+    if args.report and not args.report.lower().endswith((".html", ".htm", ".md")):
+        raise UsageError(f"--report '{args.report}' must end in .html or .md")
+
+
+def _check_pipeline(args) -> list:
+    """Parse --passes (an unknown pass fails here, before the model is loaded) and refuse --print-before /
+    --print-after names that would print nothing: not a pass, or not one that runs."""
+    from .errors import UsageError
+    from .pass_manager import get_pass, parse_pipeline
+
+    pipeline = parse_pipeline(args.passes)
+    names = {p.name for p in pipeline}
+    for flag, spec in (("--print-before", args.print_before), ("--print-after", args.print_after)):
+        if not spec or spec == "all":
+            continue
+        for name in filter(None, (n.strip() for n in spec.split(","))):
+            get_pass(name)  # an unknown name: UnknownPassError with the closest known one
+            if name not in names and not args.auto_prereqs:  # with --auto-prereqs it may be inserted
+                raise UsageError(f"{flag} {name}: '{name}' is not in --passes ({args.passes}), so nothing would be "
+                                 f"printed. Add it to --passes or name one of {', '.join(sorted(names)) or 'them'}")
+    return pipeline
+
+
+def _check_outputs(args) -> list[tuple[str, str]]:
+    """Check every path the run will write, without writing anything; return the folders to make
+    (flag, folder), so that :func:`_make_folders` makes them once every other check has passed."""
+    from .io import check_writable
+
+    outputs = [("-o", args.output, False), ("--json", args.json, False), ("--report", args.report, False),
+               ("--dump-dir", args.dump_dir, True), ("--svg-dir", args.svg_dir, True),
+               ("--tuning-db", args.tuning_db, True)]
+    folders = []
+    for flag, path, is_folder in outputs:
+        if path and check_writable(path, folder=is_folder) is not None:
+            folders.append((flag, path if is_folder else os.path.dirname(path)))
+    return folders
+
+
+def _make_folders(folders: list[tuple[str, str]]) -> None:
+    for flag, folder in folders:
+        if not os.path.isdir(folder):  # two outputs may share a new folder
+            os.makedirs(folder)
+            print(f"note: created folder '{folder}' for {flag}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _tvm_logging(verbose: bool):
+    """With --verbose, TVM's own logging on stderr while TVM works: its Python loggers at INFO (MetaSchedule's
+    task tables) and the "qlfx" logger at DEBUG, which lets the C++ runtime's log lines through
+    (:func:`qlfx.emit.tvm_runtime.native_log_filter`). Restored afterwards: main() may run in-process."""
+    import logging
+
+    if not verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("qlfx", "tvm", "tvm.s_tir.meta_schedule")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.DEBUG if logger.name == "qlfx" else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.getLogger("tvm").addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger("tvm").removeHandler(handler)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _load_plugin(spec: str) -> None:
@@ -310,27 +398,17 @@ def _load_plugin(spec: str) -> None:
         raise UsageError(f"--load '{spec}' failed: {type(err).__name__}: {err}") from err
 
 
-def _check_output_path(path: str) -> None:
-    """Fail before any work when an output file cannot be written (its folder is missing and cannot be
-    made, or is read-only, or the path is a folder)."""
-    import os
-    from pathlib import Path
-
-    from .errors import UsageError
-    from .io import ensure_writable_dir
-
-    p = Path(path)
-    if p.is_dir():
-        raise UsageError(f"output path '{p}' is a folder; give a file name (e.g. {p / 'model.onnx'})")
-    ensure_writable_dir(p.parent if str(p.parent) else ".")
-    if p.exists() and not os.access(p, os.W_OK):
-        raise UsageError(f"output file '{p}' exists and is not writable; choose another path")
-
-
 def cmd_diff(args) -> int:
     from .debug import diff_stages
+    from .errors import UsageError
 
-    d = diff_stages(args.a, args.b, width=args.width)
+    for flag, given, other, present in (
+            ("--width", args.width is not None, "the side-by-side view (drop -u / --nodes-only)",
+             not (args.unified or args.nodes_only)),
+            ("--unified", args.unified, "the code view (drop --nodes-only)", not args.nodes_only)):
+        if given and not present:
+            raise UsageError(f"{flag} has no effect without {other}")
+    d = diff_stages(args.a, args.b, width=args.width or 160)
     print(d.summary())
     if not args.nodes_only and not d.identical:
         print()
@@ -342,9 +420,15 @@ def cmd_compare(args) -> int:
     from .debug import compare_artifact
     from .loading import load_model
 
+    from .emit.tvm_runtime import LIBRARY_SUFFIXES
+    from .errors import UsageError
+
+    if args.verbose and os.path.splitext(args.artifact)[1].lower() not in LIBRARY_SUFFIXES + (".json",):
+        raise UsageError("--verbose has no effect without a TVM ARTIFACT (.so / .tar): it shows TVM's own logging")
     model = load_model(args.model)
-    result = compare_artifact(model, args.artifact, _example_inputs(args), tolerance=args.tolerance,
-                              count=args.inputs, seed=args.seed)
+    with _tvm_logging(args.verbose):
+        result = compare_artifact(model, args.artifact, _example_inputs(args), tolerance=args.tolerance,
+                                  count=args.inputs, seed=args.seed)
     print(result)
     if not result.passed:
         print(f"\nerror: '{args.artifact}' differs from the model beyond tolerance {args.tolerance:g}; "

@@ -341,7 +341,7 @@ def _artifact_runner(path: Path):
             raise UsageError(f"onnxruntime cannot load '{path}': {str(err).strip()[:300]}") from err
         names = [i.name for i in session.get_inputs()]
         return "onnxruntime", lambda arrays: session.run(None, dict(zip(names, arrays)))
-    if suffix in (".so", ".json"):
+    if suffix in (".so", ".tar", ".json"):
         try:
             from .emit.tvm_runtime import load
         except ImportError as err:

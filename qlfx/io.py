@@ -27,6 +27,45 @@ def ensure_writable_dir(directory: str | os.PathLike) -> Path:
     return d
 
 
+def check_writable(path: str | os.PathLike, folder: bool = False) -> Path | None:
+    """Check, without leaving anything behind, that ``path`` can be written (a file, or with ``folder``
+    a folder to write into): each missing folder on the way can be made, and the nearest existing one
+    takes a new entry. Returns the first folder that will have to be made (None if all exist); raises
+    UsageError saying what to do.
+
+    The check makes and removes a temporary entry in the nearest existing folder: ``os.access`` answers
+    "writable" to root even where nothing can be created (/proc, a read-only bind mount)."""
+    p = Path(path)
+    if folder:
+        if p.exists() and not p.is_dir():
+            raise UsageError(f"'{p}' is a file, not a folder; give a folder path")
+        target_dir = p
+    else:
+        if p.is_dir():
+            raise UsageError(f"output path '{p}' is a folder; give a file name (e.g. {p / 'model.onnx'})")
+        if p.exists() and not os.access(p, os.W_OK):
+            raise UsageError(f"output file '{p}' exists and is not writable; choose another path")
+        target_dir = p.parent if str(p.parent) else Path(".")
+    existing, missing = target_dir, None
+    while not existing.exists():
+        missing, existing = existing, existing.parent
+    if not existing.is_dir():
+        where = f"cannot create output folder '{missing}': " if missing is not None else ""
+        raise UsageError(f"cannot write '{p}': {where}'{existing}' is a file, not a folder. Choose another path")
+    try:  # probe with a folder when one must be made, else with a file
+        if missing is not None:
+            os.rmdir(tempfile.mkdtemp(prefix=".qlfx-probe-", dir=existing))
+        else:
+            fd, probe = tempfile.mkstemp(prefix=".qlfx-probe-", dir=existing)
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        what = (f"cannot create output folder '{missing}'" if missing is not None
+                else f"output folder '{existing}' is not writable")
+        raise UsageError(f"cannot write '{p}': {what} ({err.strerror}). Choose a writable path") from err
+    return missing
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
     path = Path(path)

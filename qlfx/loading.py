@@ -1,6 +1,7 @@
 """Resolving a MODEL argument: a zoo name, ``path/file.py:factory`` or ``pkg.module:factory``."""
 from __future__ import annotations
 
+import copy
 import difflib
 import importlib
 import importlib.util
@@ -59,6 +60,8 @@ def load_model(spec: str, **factory_kwargs) -> nn.Module:
         print(f"warning: the model from '{spec}' is in train mode; qlfx switches it to eval mode (batchnorm uses "
               f"its running statistics, dropout is off). Call .eval() in the factory to silence this.",
               file=sys.stderr)
+        # a copy: the object may be the user's own (a module attribute, a cached model), left as it was
+        model = copy.deepcopy(model)
     return model.eval()
 
 

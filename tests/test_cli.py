@@ -170,7 +170,7 @@ def test_usage_errors_exit_2(argv, message, capsys):
 def test_unwritable_output_leaves_nothing(tmp_path, capsys):
     # a folder that cannot be created (even by root)
     assert main(["run", *MODEL, "--emit", "onnx", "-o", "/proc/qlfx-test/m.onnx"]) == EXIT_USAGE
-    assert "cannot create output folder" in capsys.readouterr().err
+    assert "cannot create output folder '/proc/qlfx-test'" in capsys.readouterr().err
     (tmp_path / "adir").mkdir()
     assert main(["run", *MODEL, "--emit", "onnx", "-o", str(tmp_path / "adir")]) == EXIT_USAGE
     assert "is a folder" in capsys.readouterr().err
@@ -363,6 +363,20 @@ def test_run_with_labelled_calibration_and_an_accuracy_budget(tmp_path, capsys):
     (["--bisect", "-o", "m.onnx"], "--emit has no effect without a normal run"),
     (["--bisect", "--report", "r.html"], "--report has no effect without a normal run"),
     (["--emit", "tvm", "-o", "m.so", "--tune-trials", "-1"], "--tune-trials must be >= 0"),
+    (["--emit", "tvm", "-o", "m.txt"], "Name the output *.so"),
+    (["--verbose"], "--verbose has no effect without --emit tvm"),
+    (["-o", "m.onnx", "--verbose"], "--verbose has no effect without --emit tvm"),
+    (["--bisect", "--print-changed"], "--print-changed has no effect without a normal run"),
+    (["--bisect", "--time-passes"], "--time-passes has no effect without a normal run"),
+    (["--bisect", "--svg-dir", "svg"], "--svg-dir has no effect without a normal run"),
+    (["--bisect", "--auto-prereqs"], "--auto-prereqs has no effect without a normal run"),
+    (["--passes", "fold-bn", "--print-after", "dce"], "'dce' is not in --passes (fold-bn), so nothing would be printed"),
+    (["--print-before", "fold-bm"], "Did you mean 'fold-bn'"),
+    (["--report", "r.txt"], "must end in .html or .md"),
+    (["-o", "/proc/m.onnx"], "output folder '/proc' is not writable"),
+    (["-o", "/proc/qlfx-new/m.onnx"], "cannot create output folder '/proc/qlfx-new'"),
+    (["--dump-dir", "/proc/qlfx-dump"], "cannot create output folder '/proc/qlfx-dump'"),
+    (["-o", "out/m.onnx", "--json", "/proc/r.json"], "output folder '/proc' is not writable"),  # out/ not made
 ])
 def test_ineffective_or_conflicting_flags_exit_2_before_loading_the_model(extra, message, capsys, monkeypatch,
                                                                           tmp_path):
@@ -375,13 +389,79 @@ def test_ineffective_or_conflicting_flags_exit_2_before_loading_the_model(extra,
     assert list(tmp_path.iterdir()) == []  # nothing written, no folder made
 
 
-def test_emit_is_inferred_from_the_output_extension(tmp_path):
+def test_emit_is_inferred_from_the_output_extension_and_a_new_folder_is_said(tmp_path, capsys):
     pytest.importorskip("onnxruntime")
-    path = tmp_path / "m.onnx"
-    assert main(["run", *MODEL, "-o", str(path)]) == EXIT_OK
+    path = tmp_path / "new" / "sub" / "m.onnx"
+    assert main(["run", *MODEL, "--passes", "fold-bn", "-o", str(path)]) == EXIT_OK
+    assert f"note: created folder '{path.parent}' for -o" in capsys.readouterr().err
     import onnx
 
     onnx.checker.check_model(onnx.load(str(path)))
+
+
+def test_an_unwritable_output_is_refused_before_torch_is_imported(tmp_path):
+    """What the user waits for: a fresh `qlfx run ... -o /proc/m.onnx` fails at once, with torch made
+    unimportable to show that the refusal comes before any model, capture or pass code."""
+    import time
+
+    script = ("import sys; sys.modules['torch'] = None\n"
+              "from qlfx.cli import main\n"
+              "sys.exit(main(['run', 'qlnet-tiny', '-o', '/proc/m.onnx']))")
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    seconds = time.perf_counter() - start
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    assert "output folder '/proc' is not writable" in proc.stderr and "Traceback" not in proc.stderr
+    assert seconds < 1.0, f"refusing took {seconds:.2f}s"
+
+
+def test_fuse_product_alone_says_it_needs_fold_bn_and_auto_prereqs_runs_it(tmp_path, capsys):
+    import json
+
+    args = ["run", "qlnet-tiny", "--passes", "fuse-product"]
+    assert main(args) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "fuse-product needs fold-bn first (4 products are blocked by a BN)" in out
+    assert out.count("[needs bn-folded: run fold-bn first]") == 4
+    assert main([*args, "--auto-prereqs", "--json", str(tmp_path / "r.json")]) == EXIT_OK
+    rows = json.loads((tmp_path / "r.json").read_text())
+    assert [r["pass"] for r in rows] == ["(trace)", "fold-bn", "fuse-product"]
+    assert len(rows[-1]["rewrites"]) == 4 and not rows[-1]["skipped"] and not rows[-1]["unmet_requirements"]
+
+
+def test_passes_lists_what_each_pass_needs(capsys):
+    assert main(["passes"]) == EXIT_OK
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("fuse-product "))
+    assert "[needs bn-folded (fold-bn), constants-folded (constant-fold), no-dead-code (dce)]" in line
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--width", "80", "-u"], "--width has no effect without the side-by-side view"),
+    (["--width", "80", "--nodes-only"], "--width has no effect without the side-by-side view"),
+    (["-u", "--nodes-only"], "--unified has no effect without the code view"),
+])
+def test_diff_flags_without_effect_exit_2(argv, message, capsys):
+    assert main(["diff", "a.py", "b.py", *argv]) == EXIT_USAGE  # refused before the files are read
+    assert message in capsys.readouterr().err
+
+
+def test_tar_output_is_a_tvm_module_that_compare_loads(tmp_path, capsys):
+    """-o m.tar picks the TVM emitter (tvm's tarball of objects, linked when loaded); --verbose is accepted
+    with it and leaves the logging configuration as it found it."""
+    pytest.importorskip("tvm")
+    from qlfx.emit import tvm_runtime
+
+    path = tmp_path / "m.tar"
+    assert main(["run", *MODEL, "--passes", "fold-bn", "-o", str(path), "--verbose"]) == EXIT_OK
+    assert path.is_file() and path.with_suffix(".json").is_file() and not path.with_suffix(".so").exists()
+    assert main(["compare", *MODEL, str(path), "--verbose"]) == EXIT_OK
+    assert "PASS output 0" in capsys.readouterr().out
+    assert not tvm_runtime.verbose()
+
+
+def test_compare_verbose_without_a_tvm_artifact_exits_2(capsys):
+    assert main(["compare", *MODEL, "m.onnx", "--verbose"]) == EXIT_USAGE
+    assert "--verbose has no effect without a TVM ARTIFACT" in capsys.readouterr().err
 
 
 def test_train_mode_model_gets_a_warning_and_is_switched_to_eval_mode(tmp_path, capsys):
@@ -392,7 +472,22 @@ def test_train_mode_model_gets_a_warning_and_is_switched_to_eval_mode(tmp_path, 
     assert main(["run", f"{factory}:build", "--input-shape", "1,3,8,8", "--passes", "fold-bn"]) == EXIT_OK
     captured = capsys.readouterr()
     assert "is in train mode; qlfx switches it to eval mode" in captured.err
+    assert len([l for l in captured.err.splitlines() if "train mode" in l]) == 1  # one line
     assert "fold-bn" in captured.out
+
+
+def test_a_train_mode_model_object_of_the_user_is_left_in_train_mode(tmp_path, capsys, monkeypatch):
+    """MODEL may name a module attribute (pkg.module:model): qlfx compiles an eval copy, the object stays as it was."""
+    import importlib
+
+    (tmp_path / "user_models.py").write_text(f"import sys; sys.path.insert(0, {str(Path(BLOCKS).parent)!r})\n"
+                                             "from blocks import small_convnet\n"
+                                             "model = small_convnet().train()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["run", "user_models:model", "--input-shape", "1,3,8,8", "--passes", "fold-bn"]) == EXIT_OK
+    assert "switches it to eval mode" in capsys.readouterr().err
+    user = importlib.import_module("user_models").model
+    assert user.training and all(m.training for m in user.modules())
 
 
 def test_diff_into_a_reader_that_stops_early_ends_quietly(tmp_path):

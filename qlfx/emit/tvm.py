@@ -462,6 +462,12 @@ class TVMModule:
             outs = [torch.from_numpy(o) for o in outs]
         return tuple(outs) if self.multi_output else outs[0]
 
+    def run(self, *inputs) -> list:
+        """Always a list, one entry per graph output, as onnxruntime's ``session.run`` and the loaded
+        module's ``run`` return (``__call__`` returns a single output bare, as the torch model does)."""
+        outs = self(*inputs)
+        return list(outs) if self.multi_output else [outs]
+
     def source(self, kind: str = "cuda") -> str:
         """Generated device source (cuda) or LLVM IR of the kernels, for inspection."""
         lib = self.executable.mod if hasattr(self.executable, "mod") else self.executable
@@ -484,9 +490,10 @@ class TVMModule:
         }
 
     def export(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` (.so) and its metadata ``.json``, each atomically. Returns the .so path."""
+        """Write ``path`` (.so, or .tar: tvm's tarball of objects, linked when loaded) and its metadata
+        ``.json``, each atomically. Returns the library's path."""
         so = tvm_runtime.library_path(path)
-        with atomic_output(so) as tmp:
+        with atomic_output(so) as tmp, tvm_runtime.native_log_filter():
             self.executable.export_library(str(tmp))
         atomic_write(tvm_runtime.metadata_path(so), json.dumps(self.metadata(), indent=2))
         return so
@@ -558,7 +565,8 @@ def build_tvm(
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
         mod = tvm.transform.Sequential(pipeline.dataflow_lower_passes(tgt) + pipeline.finalize_passes(tgt))(mod)
-    executable = tvm.compile(mod, target=tgt, relax_pipeline=None)
+    with tvm_runtime.native_log_filter():
+        executable = tvm.compile(mod, target=tgt, relax_pipeline=None)
     return TVMModule(executable, tgt, interface["inputs"], interface["outputs"], interface["multi_output"],
                      lowering.records, tuning, notes, relax_module, time.perf_counter() - start)
 

@@ -20,10 +20,15 @@ Usage::
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import re
+import sys
+import tempfile
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -31,13 +36,66 @@ FORMAT = "qlfx-tvm"
 FORMAT_VERSION = 2
 
 
+LIBRARY_SUFFIXES = (".so", ".tar")  # a shared library, or tvm's tarball of objects (linked when loaded)
+
+
 def metadata_path(path: str | os.PathLike) -> Path:
-    """The JSON metadata file that goes with a ``.so`` export (same name, ``.json`` suffix)."""
+    """The JSON metadata file that goes with a ``.so`` / ``.tar`` export (same name, ``.json`` suffix)."""
     return Path(path).with_suffix(".json")
 
 
 def library_path(path: str | os.PathLike) -> Path:
-    return Path(path).with_suffix(".so")
+    """The library of an export: ``path`` itself when it names a .so or .tar; for any other name (the
+    .json), the .so or .tar beside it that exists (the .so when neither does)."""
+    p = Path(path)
+    if p.suffix in LIBRARY_SUFFIXES:
+        return p
+    return next((p.with_suffix(s) for s in LIBRARY_SUFFIXES if p.with_suffix(s).exists()), p.with_suffix(".so"))
+
+
+# ------------------------------------------------------------------------------------ native logging
+# TVM's C++ runtime logs straight to the process's stderr, bypassing Python's logging: e.g. one
+# "[12:00:00] .../executable.cc:276: Warning: Scope Saving:global" line per constant when an executable
+# is saved and "Scope Loaded:" when it is loaded. Such lines (debug, info, warning; never errors) are
+# hidden unless the "qlfx" logger is at DEBUG (CLI: --verbose).
+_NATIVE_LOG_LINE = re.compile(r"^\[\d\d:\d\d:\d\d\] \S+:\d+: (?!Error: )")
+
+
+def verbose() -> bool:
+    """Whether TVM's own logging is shown: the "qlfx" logger is at DEBUG (``qlfx --verbose`` sets it)."""
+    return logging.getLogger("qlfx").isEnabledFor(logging.DEBUG)
+
+
+@contextlib.contextmanager
+def native_log_filter(show: bool | None = None) -> Iterator[None]:
+    """Around a short TVM call (a build, an export, a load; not a tuning run, whose progress would be
+    held back): what the C++ side writes to file descriptor 2 is collected and, on the way out, written
+    back without TVM's log lines, unless ``show`` (default: :func:`verbose`)."""
+    if show if show is not None else verbose():
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):  # no usable stderr: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as collected:
+        os.dup2(collected.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            collected.seek(0)
+            lines = collected.read().decode(errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not _NATIVE_LOG_LINE.match(line))
+            if kept:
+                os.write(2, kept.encode())
 
 
 def device_for(kind: str, index: int = 0):
@@ -65,7 +123,8 @@ class VMRunner:
         self.inputs = [dict(i) for i in inputs]
         self.num_outputs = int(num_outputs)
         self.entry = entry
-        self._vm = relax.VirtualMachine(executable, device)
+        with native_log_filter():
+            self._vm = relax.VirtualMachine(executable, device)
         self._fn = self._vm[entry]
         self._tvm = tvm
 
@@ -138,14 +197,14 @@ class LoadedModule(VMRunner):
 
 
 def load(path: str | os.PathLike, device=None) -> LoadedModule:
-    """Load ``path`` (the ``.so`` or its ``.json``) written by ``TVMModule.export``."""
+    """Load ``path`` (the ``.so`` / ``.tar`` or its ``.json``) written by ``TVMModule.export``."""
     import tvm
 
     so, meta_file = library_path(path), metadata_path(path)
     for f, what in ((so, "compiled library"), (meta_file, "metadata")):
         if not f.exists():
             raise FileNotFoundError(
-                f"{what} '{f}' not found: an export is a .so plus a .json of the same name; "
+                f"{what} '{f}' not found: an export is a .so (or .tar) plus a .json of the same name; "
                 f"write both with TVMModule.export('{so}')"
             )
     metadata = json.loads(meta_file.read_text())
@@ -154,5 +213,6 @@ def load(path: str | os.PathLike, device=None) -> LoadedModule:
             f"'{meta_file}' is not a qlfx TVM export this loader understands "
             f"(format={metadata.get('format')!r}, version={metadata.get('version')!r})"
         )
-    library = tvm.runtime.load_module(str(so))
+    with native_log_filter():
+        library = tvm.runtime.load_module(str(so))
     return LoadedModule(library, metadata, device)

@@ -320,3 +320,71 @@ def test_make_target_fills_in_what_metaschedule_needs():
     assert cuda.kind.name == "cuda" and cuda.attrs["arch"] == "sm_90a" and cuda.host.kind.name == "llvm"
     with pytest.raises(qlfx.UsageError, match="llvm .CPU. and cuda"):
         emit_tvm.make_target({"kind": "metal"})
+
+
+class _TwoHeads(nn.Module):
+    """Two graph outputs: the multi-output side of the return convention."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 6, 1)
+        self.b = nn.Conv2d(4, 2, 3, padding=1)
+
+    def forward(self, x):
+        return self.a(x), torch.relu(self.b(x))
+
+
+def test_built_and_loaded_modules_return_alike(tmp_path):
+    """One convention for TVMModule and the torch-free loader: ``module(x)`` returns what the torch model
+    does (one array bare, several as a tuple); ``module.run(x)`` always a list, as onnxruntime's run.
+    Checked on a single- and a two-output graph, exported as .so and as .tar (tvm's object tarball)."""
+    from qlfx.emit import tvm_runtime
+
+    for model, shape in ((_GatedConv().eval(), (1, 16, 6, 6)), (_TwoHeads().eval(), (1, 4, 6, 6))):
+        x = torch.randn(shape)
+        with torch.no_grad():
+            expected = model(x)
+        expected = [expected] if isinstance(expected, torch.Tensor) else list(expected)
+        built = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,)).to_tvm("llvm", progress=False)
+        suffixes = (".so", ".tar") if len(expected) == 1 else (".so",)
+        modules = [built] + [tvm_runtime.load(built.export(tmp_path / f"m{len(expected)}{s}")) for s in suffixes]
+        for module in modules:
+            called, listed = module(x.numpy()), module.run(x.numpy())
+            assert isinstance(listed, list) and len(listed) == len(expected)
+            if len(expected) == 1:
+                assert isinstance(called, np.ndarray)
+                called = [called]
+            else:
+                assert isinstance(called, tuple)
+            for got, again, want in zip(called, listed, expected):
+                _close(got, want.numpy(), rel=1e-5)
+                np.testing.assert_array_equal(got, again)
+        assert isinstance(built(x), torch.Tensor if len(expected) == 1 else tuple)  # torch in, torch out
+
+
+def test_native_log_lines_are_hidden_unless_verbose(capfd):
+    """TVM's C++ runtime logs straight to fd 2 ("Scope Saving:..." per constant on export): hidden unless
+    the qlfx logger is at DEBUG (qlfx --verbose); other output and TVM's errors pass through."""
+    import logging
+
+    from qlfx.emit import tvm_runtime
+
+    def chatter():
+        os.write(2, b"[12:00:00] /src/runtime/vm/executable.cc:276: Warning: Scope Saving:global\n")
+        os.write(2, b"[12:00:00] /src/runtime/vm/executable.cc:340: Warning: Scope Loaded:global\n")
+        os.write(2, b"ptxas info: a compiler's own line\n")
+        os.write(2, b"[12:00:01] /src/runtime/x.cc:9: Error: kept\n")
+
+    with tvm_runtime.native_log_filter():
+        chatter()
+    err = capfd.readouterr().err
+    assert "Scope" not in err and "ptxas info: a compiler's own line" in err and "Error: kept" in err
+    logger = logging.getLogger("qlfx")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        with tvm_runtime.native_log_filter():
+            chatter()
+    finally:
+        logger.setLevel(level)
+    assert capfd.readouterr().err.count("Scope") == 2
