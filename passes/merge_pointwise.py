@@ -10,6 +10,9 @@ so one conv with conv1's stride, padding and dilation computes it (equal up to r
 output pixel: r (C_in k^2 + C_out) before, C_out C_in k^2 after; merged only when that is not more.
 It undoes `factor` where `slice` did not shrink the inner space below the break-even width, and
 removes linear bottlenecks (two convs with nothing between them) that cost more than they save.
+
+Needs ``bn-folded`` (a BN between the two convs hides the pair) and ``constants-folded`` (a weight
+computed in the graph is not a stored matrix to multiply); a pair either blocks is skipped saying so.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import torch.fx as fx
 
 from qlfx import ir
 from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
+from qlfx.requirements import BN_FOLDED, CONSTANTS_FOLDED
 
 
 @register_pass
@@ -27,16 +31,27 @@ class MergePointwise(Pass):
     name = "merge-pointwise"
     description = "compose a conv with the 1x1 conv that alone reads it, where the merged conv needs fewer MACs"
     contract = "equivalent"
+    requires = (BN_FOLDED, CONSTANTS_FOLDED)
+    site_noun = "conv pair"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult(changed=False)
         for node in list(gm.graph.nodes):
             second = ir.ConvCall.of(node)
-            if (second is None or not second.is_pointwise or second.stride != (1, 1)
-                    or not ir.is_constant(second.weight)):
+            if second is None or not second.is_pointwise or second.stride != (1, 1):
+                continue
+            bn = ir.BatchNormCall.of(second.input) if isinstance(second.input, fx.Node) else None
+            hidden = ir.ConvCall.of(bn.input) if bn is not None and isinstance(bn.input, fx.Node) else None
+            if hidden is not None and hidden.groups == 1:
+                result.skipped.append(Skip(node.name, f"the batchnorm {bn.node.name} sits between it and "
+                                                      f"{bn.input.name}", needs=BN_FOLDED))
                 continue
             first = ir.ConvCall.of(second.input) if isinstance(second.input, fx.Node) else None
-            if first is None or first.groups != 1 or not ir.is_constant(first.weight):
+            if first is None or first.groups != 1:
+                continue
+            if not (ir.is_constant(first.weight) and ir.is_constant(second.weight)):
+                result.skipped.append(Skip(node.name, "a weight is computed in the graph",
+                                           needs=CONSTANTS_FOLDED))
                 continue
             if len(first.node.users) != 1:
                 result.skipped.append(Skip(node.name, f"{first.node.name}'s output has other users"))

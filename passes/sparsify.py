@@ -31,6 +31,9 @@ FLOPs and latency do not change. The stats report, per weight, the exact zeros a
 format would take (CSR: fp32 values + int32 column indices + int32 row pointers over the
 ``[Cout, rest]`` view; for a triangularised weight also the packed-triangular size, values only),
 and in total the parameters that can be dropped.
+
+Needs ``bn-folded``: an unfolded BN ties its input and output spaces to monomial ones, so a hardball
+stream that is O(C) once folded offers no rotation; each such stream is skipped naming fold-bn.
 """
 from __future__ import annotations
 
@@ -39,6 +42,7 @@ import torch.fx as fx
 
 from qlfx import ir
 from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
+from qlfx.requirements import BN_FOLDED
 
 # Residue allowed at a structural zero before it is set to 0.0, relative to max|W| of that weight.
 RESIDUE_LIMIT = 1e-5
@@ -143,6 +147,8 @@ class Sparsify(Pass):
     description = "rotate O/GL channel spaces so one weight per space becomes triangular (exact zeros); L1-balance scalings"
     contract = "equivalent"
     option_defaults = {"method": "qr+l1", "l1_steps": 100, "l1_lr": 0.02}
+    requires = (BN_FOLDED,)
+    site_noun = "space"
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         from qlfx.symmetry import analyze, apply_elements
@@ -160,6 +166,13 @@ class Sparsify(Pass):
         triangular: dict[str, dict] = {}
 
         if method in ("qr", "qr+l1"):
+            for ids, group in report.pinned_by_batchnorm():
+                if group.value in ("O", "GL") and report.spaces[ids[0]].size >= 2:
+                    first = report.spaces[ids[0]]
+                    result.skipped.append(Skip(
+                        f"space{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} ({first.size} ch; "
+                        f"{first.sites[0]})", f"unfolded batchnorms pin it to {first.group}; folded it is "
+                        f"{group}", needs=BN_FOLDED))
             elements, masks = {}, {}
             for space in report.spaces:
                 if space.group.value not in ("O", "GL") or space.derived or space.size < 2:

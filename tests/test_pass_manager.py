@@ -310,6 +310,46 @@ def test_the_default_pipeline_meets_every_requirement():
     assert "needs" not in str(compiled.report)
 
 
+def test_sparsify_alone_names_the_streams_a_bn_pins_and_fold_bn_gives_them_back():
+    x = torch.randn(1, 3, 32, 32)
+    compiled = qlfx.compile(_model(), "sparsify<method=qr>", example_inputs=(x,))
+    row = compiled.report.rows[-1]
+    pinned = [s for s in row.result.skipped if s.needs is BN_FOLDED]
+    # stages 2-4: the hardball stream (skip BN + conv3 BN) is O(C) once folded, monomial before
+    assert len(pinned) == 3 and all("folded it is O" in s.reason for s in pinned)
+    assert not row.result.stats["triangularised"]
+    assert "sparsify needs fold-bn first (3 spaces are blocked by a BN)" in str(compiled.report)
+    folded = qlfx.compile(_model(), "fold-bn,sparsify<method=qr>", example_inputs=(x,))
+    result = folded.report.rows[-1].result
+    assert not result.unmet and not [s for s in result.skipped if s.needs is BN_FOLDED]
+    assert len(result.stats["triangularised"]) >= 3  # what the BNs blocked is now done
+
+
+class _PointwisePairBehindABN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.bn, self.c2 = torch.nn.Conv2d(8, 16, 1), torch.nn.BatchNorm2d(16), torch.nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.c2(self.bn(self.c1(x)))
+
+
+def test_merge_pointwise_says_a_bn_hides_the_pair_and_merges_it_after_fold_bn():
+    model = randomize_batchnorm(_PointwisePairBehindABN(), seed=3).eval()
+    x = torch.randn(1, 8, 5, 5)
+    row = qlfx.compile(model, "merge-pointwise", example_inputs=(x,)).report.rows[-1]
+    (skip,) = row.result.skipped
+    assert skip.needs is BN_FOLDED and "batchnorm" in skip.reason and not row.result.changed
+    assert row.result.unmet[0].message == "merge-pointwise needs fold-bn first (1 conv pair is blocked by a BN)"
+    compiled = qlfx.compile(model, "merge-pointwise", example_inputs=(x,), auto_prereqs=True)
+    assert compiled.report.rows[-1].result.changed
+    convs = [n for n in compiled.graph_module.graph.nodes if ir.ConvCall.of(n) is not None]
+    assert len(convs) == 1
+    with torch.no_grad():
+        ref = model(x)
+    assert (compiled(x) - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
 class _ProductOfAnUnfoldableBN(torch.nn.Module):
     """z = BN(h), h = conv(u) also read elsewhere: fold-bn cannot fold the BN (no rule applies), so it
     still blocks the product z[:, :4] * z[:, 4:] after fold-bn ran."""

@@ -104,6 +104,9 @@ class ChannelSpace:
     derived: bool = False  # scalings fixed by a product D_z = D_a D_b
     tie: int | None = None  # id of the tied-permutation class (None: untied)
     tie_mult: int = 1  # this space's permutation = kron(class permutation, I_tie_mult)
+    # When only unfolded batchnorms tie this space (nothing else per-channel, no product): the group its
+    # other demands allow, i.e. what folding the BNs would give back (O for a hardball stream). Else None.
+    untied_by_bn_folding: Group | None = None
 
     @property
     def lie_dimension(self) -> int:
@@ -158,6 +161,22 @@ class SymmetryReport:
 
     def spaces_of(self, node: str) -> list[int]:
         return [seg[2] for seg in self.node_segments.get(node, [])]
+
+    def pinned_by_batchnorm(self) -> list[tuple[list[int], Group]]:
+        """Spaces an unfolded batchnorm restricts: [(space ids that folding merges into one, the group
+        they would have then)], for groups folding would enlarge. A BN ties its input and output into
+        monomial spaces; folding it into the conv before it makes the two one space whose group is the
+        meet of what their other ops demand (O on a hardball stream)."""
+        found = []
+        for members in self.ties.values():
+            ids = [sid for sid, _ in members]
+            would_be = [self.spaces[sid].untied_by_bn_folding for sid in ids]
+            if any(g is None for g in would_be):
+                continue  # another per-channel op or a product ties them too: folding would not help
+            group = meet(*would_be)
+            if group is not meet(*(self.spaces[sid].group for sid in ids)):
+                found.append((ids, group))
+        return found
 
     def group_counts(self) -> dict[str, int]:
         counts: dict[str, int] = defaultdict(int)
@@ -461,6 +480,7 @@ class _Recorder:
         self.cuts: dict[str, set[int]] = {}
         self.same: list[tuple[str, int, int, str, int, int, int]] = []  # x, xs, xe, y, ys, ye, mult (y ~ x (x) R^mult)
         self.ties: list[tuple[str, int, int, str, int, int, int]] = []
+        self.batchnorm_ties: set[int] = set()  # indices into ties made by an unfolded batchnorm
         self.products: list[tuple[str, str, str]] = []  # a, b, z (node names)
         self.demands: list[tuple[str, int, int, Group, str]] = []
         self.kinds: dict[str, str] = {}
@@ -789,7 +809,10 @@ class _Recorder:
             self.unknown(node, f"batchnorm {node.name} in training mode or without stored statistics")
             return
         self.kinds[node.name] = "batch_norm"
+        before = len(self.ties)
         self.link_tie(bn.input, node, 1)
+        if len(self.ties) > before:
+            self.batchnorm_ties.add(before)
 
     def reduction(self, node) -> None:
         """sum / mean / amax / amin / norms. Over the channel axis: an invariant (module docstring);
@@ -1093,16 +1116,19 @@ def analyze(gm: fx.GraphModule) -> SymmetryReport:
         tie_uf.add(r)
     tie_conflicts: list[Any] = []
     tied: set = set()
+    tied_by_other: set = set()  # tied by something other than an unfolded batchnorm
 
     for i, (x, xs, xe, y, ys, ye, m) in enumerate(rec.ties):
         if ("tie", i) in bad_links:
             conflicts.append((x, y))
             continue
 
-        def merge_tie(xk, yk, m):
+        def merge_tie(xk, yk, m, by_batchnorm=i in rec.batchnorm_ties):
             rx, mx = space_of(xk)
             ry, my = space_of(yk)
             tied.update({rx, ry})
+            if not by_batchnorm:
+                tied_by_other.update({rx, ry})
             if not tie_uf.union(ry, my, rx, mx * m):
                 tie_conflicts.extend([rx, ry])
 
@@ -1114,6 +1140,7 @@ def analyze(gm: fx.GraphModule) -> SymmetryReport:
             ka, kb, kz = seg_at(a, s), seg_at(b, s), (z, j)
             (ra, ma), (rb, mb), (rz, mz) = space_of(ka), space_of(kb), space_of(kz)
             tied.update({ra, rb, rz})
+            tied_by_other.update({ra, rb, rz})
             for (r1, m1) in ((ra, ma), (rb, mb)):
                 if not tie_uf.union(r1, m1, rz, mz):
                     tie_conflicts.extend([r1, rz])
@@ -1142,6 +1169,7 @@ def analyze(gm: fx.GraphModule) -> SymmetryReport:
                 restrict(space_of((n, j))[0], Group.IDENTITY, f"inconsistent channel structure between {x} and {y}")
     for r in tie_conflicts:
         restrict(r, Group.IDENTITY, "inconsistent tied permutations")
+    untied = {r: groups[r] for r in tied - tied_by_other}  # before the batchnorm ties restrict them
     for r in tied:
         restrict(r, Group.MONOMIAL, "tied to other spaces by a per-channel op or a product")
 
@@ -1200,7 +1228,8 @@ def analyze(gm: fx.GraphModule) -> SymmetryReport:
             if seg.mult > 1:
                 label += f" ({seg.mult} copies)"
             sites.append(label)
-        spaces.append(ChannelSpace(ids[r], size, groups[r], sites, segs, reasons[r], r in derived))
+        spaces.append(ChannelSpace(ids[r], size, groups[r], sites, segs, reasons[r], r in derived,
+                                   untied_by_bn_folding=untied.get(r)))
     ties: dict[int, list[tuple[int, int]]] = {}
     class_ids: dict[Any, int] = {}
     for r in sorted(tied, key=lambda r: ids[r]):
