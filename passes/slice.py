@@ -82,11 +82,36 @@ cost. ``keep={unit id: count}`` (or ``"id:n/id:n"``) skips the search and keeps 
 channels per unit (to compare methods at equal FLOPs; the refit then runs twice). Stats: per unit the
 channels kept, MACs before/after (count_macs), error reached, accuracy before/after on the labelled
 calibration data, and ``keep``.
+
+**The search on large graphs** (``search="bisect"``; ``"auto"``, the default, takes it when the greedy
+search's predicted work -- ~2 evaluations per move, each a run on every evaluation set -- exceeds 5e12
+MACs, e.g. qlnet50 at 224 with 64 images; small graphs keep the greedy search). The greedy search
+costs O(moves) runs of the whole calibration set; this one O(units) cheap probes plus O(log moves) full
+evaluations. With D_u(k) the importance (what the readers receive, as above; for a rotated unit
+lambda_j * |W_reader[:, j]|^2) of the channels deleted when unit u keeps k, the mean output error of u
+alone is predicted as s_u * D_u(k), s_u measured by one probe (a quarter of u deleted, on the first
+``probe_samples`` samples). Every unit's moves are merged into one path by MACs saved per predicted
+error added (a unit's own moves in order); the longest prefix of the path that keeps every budget is
+found by bisection, each probe of a prefix measured exactly on all evaluation sets; the unit of the
+move right after that prefix is then retired (its later moves leave the path) and the rest bisected
+again, up to four times in all (the prediction misjudges a unit; the greedy search retires such a unit
+too); with
+compensate="refit" the refit moments are then re-measured on that state and the rest of the path
+bisected again (three rounds at most). Errors are not exactly monotone along the path, so bisection
+finds a prefix that fits, not always the longest. ``progress`` (true / false / "auto": when stderr is a
+terminal) prints one line per evaluation on stderr: moves tried and accepted, the error against the
+budget, the MACs saved. Stats: ``search``, ``evaluations``, ``refits``, ``samples_run`` (samples run
+through a graph, the machine-independent cost), and for bisect ``path_moves``, ``moves_accepted``.
+
+The search and its statistics use ``ctx.search_calibration`` only: the pass manager holds the other
+calibration sets out and reports the error on them (qlfx.pass_manager, "Held-out calibration").
 """
 from __future__ import annotations
 
 import copy
+import heapq
 import math
+import sys
 
 import torch
 import torch.fx as fx
@@ -96,13 +121,18 @@ from qlfx.debug import count_macs
 from qlfx.errors import UsageError
 from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
 from qlfx.symmetry import analyze, apply_elements
-from qlfx.symmetry.slicing import (OutputScore, Runner, TrialDeletion, Unit, channel_moments, linear_view,
+from qlfx.symmetry.slicing import (OutputScore, Progress, Runner, TrialDeletion, Unit, channel_moments, linear_view,
                                    principal_axes, reader_moments, units_of)
 from qlfx.verify import random_inputs as make_random_inputs
 
 aten = torch.ops.aten
 _METHODS = ("pca", "magnitude")
 _COMPENSATE = ("refit", "refit-once", "mean", False)
+_SEARCHES = ("auto", "greedy", "bisect")
+# search="auto" takes the greedy search while its predicted work -- ~2 evaluations per move, each a run of
+# the graph on every evaluation set -- stays under this many MACs (~5 minutes of one CPU core), else bisect
+_GREEDY_WORK_LIMIT = 5e12
+_RETIREMENTS = 4  # bisect: units retired per search when the move after the fitting prefix breaks the budget
 # ops that compute each channel from the same channel (or from pixels / samples of it) whatever C is
 _CHANNEL_COUNT_AGNOSTIC = (
     aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.where, aten.mean, aten.sum, aten.amax, aten.amin,
@@ -221,6 +251,18 @@ def _plan(gm: fx.GraphModule, report, unit: Unit) -> str | None:
     return None
 
 
+def _received(gm: fx.GraphModule, unit: Unit, energy_of) -> torch.Tensor:
+    """Per base channel j: sum over the unit's readers of E[x_c^2] |W_reader[:, c]|^2 over its channels c
+    (``energy_of(value name)``: E[x_c^2] per channel of that value) -- what deleting j takes from them."""
+    received = torch.zeros(unit.size, dtype=torch.float64)
+    for reader in unit.readers + unit.inner:
+        view = linear_view(reader)
+        w = ir.get_tensor(gm, view.weight).detach().double()
+        column = w.movedim(1, 0).reshape(w.shape[1], -1).pow(2).sum(1)
+        received.index_add_(0, unit.base_of[view.input.name], energy_of(view.input.name).double() * column)
+    return received
+
+
 def _node_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:
     """A conv/linear's MACs as qlfx.debug.count_macs counts them (a symbolic batch as the example's)."""
     w = ir.get_tensor(gm, linear_view(node).weight).shape
@@ -236,6 +278,17 @@ def _macs_after(total: int, base: dict[str, int], units: list[Unit]) -> float:
         for node in unit.writers + unit.depthwise + unit.readers + unit.inner:  # inner: rows and columns
             scale[node.name] *= frac
     return total - sum(base[name] * (1.0 - scale[name]) for name in base)
+
+
+def _first_samples(sets: list, samples: int) -> list:
+    """The first input sets holding at least ``samples`` samples (the probes' cheap evaluation sets)."""
+    out, count = [], 0
+    for inputs in sets:
+        if count >= samples:
+            break
+        out.append(inputs)
+        count += int(inputs[0].shape[0]) if inputs and inputs[0].dim() else 1
+    return out
 
 
 def _parse_keep(keep) -> dict[int, int] | None:
@@ -260,7 +313,8 @@ class Slice(Pass):
     contract = "lossy"
     option_defaults = {"budget": None, "accuracy_drop": None, "method": "pca", "keep": None, "random_inputs": 2,
                        "seed": 0, "granularity": 0.0625, "min_channels": 1, "spaces": "all", "compensate": "refit",
-                       "score": "mean", "target_macs": None}
+                       "score": "mean", "target_macs": None, "search": "auto", "probe_samples": 8,
+                       "progress": "auto"}
     default_budget = 0.01  # the output-error budget when neither budget nor accuracy_drop is given
 
     def lossy_budgets(self):
@@ -276,6 +330,12 @@ class Slice(Pass):
                              f"got {o['compensate']!r}")
         if o["score"] not in ("mean", "max"):
             raise UsageError(f"slice: score must be 'mean' or 'max', got {o['score']!r}")
+        if o["search"] not in _SEARCHES:
+            raise UsageError(f"slice: search must be one of {', '.join(_SEARCHES)}, got {o['search']!r}")
+        if o["progress"] not in (True, False, "auto"):
+            raise UsageError(f"slice: progress must be true, false or auto, got {o['progress']!r}")
+        if not isinstance(o["probe_samples"], int) or isinstance(o["probe_samples"], bool) or o["probe_samples"] < 1:
+            raise UsageError(f"slice: probe_samples is a number of calibration samples >= 1, got {o['probe_samples']!r}")
         if o["spaces"] not in ("all", "rotatable"):
             raise UsageError(f"slice: spaces must be 'all' or 'rotatable', got {o['spaces']!r}")
         if o["accuracy_drop"] is not None and keep_given is None and not any(
@@ -290,7 +350,7 @@ class Slice(Pass):
         method, compensate = self.options["method"], self.options["compensate"]
         keep_given = _parse_keep(self.options["keep"])
         budget, accuracy_drop = self.lossy_budgets()
-        calibration, labels = list(ctx.calibration), list(ctx.labels)
+        calibration, labels = ctx.search_calibration, ctx.search_labels  # the held-out sets stay unseen
         self._check_options(calibration, labels, keep_given)
         runner = Runner(ctx.example_inputs, ctx.dynamic_batch)
         result = PassResult(changed=False)
@@ -333,8 +393,17 @@ class Slice(Pass):
             if score is None or (budget is None and accuracy_drop is None):
                 raise UsageError("slice: give a budget or an accuracy_drop (and calibration data), "
                                  "or keep={unit id: channels}")
-            self._greedy(gm, units, trial, score, budget, accuracy_drop, ctx, result,
-                         lambda: reader_moments(runner, reference, trial.apply(), readers, calibration))
+            measure = lambda: reader_moments(runner, reference, trial.apply(), readers, calibration)  # noqa: E731
+            search = self._search_kind(gm, units, eval_sets)
+            progress = Progress(self.options["progress"] is True or (self.options["progress"] == "auto"
+                                                                     and sys.stderr.isatty()), budget, count_macs(gm))
+            result.stats["search"] = search
+            if search == "greedy":
+                self._greedy(gm, units, trial, score, budget, accuracy_drop, ctx, result, measure, progress)
+            else:
+                probe = OutputScore(runner, gm, _first_samples(eval_sets, int(self.options["probe_samples"])),
+                                    [])
+                self._bisect(gm, units, trial, score, probe, budget, accuracy_drop, ctx, result, measure, progress)
         masked = trial.apply()  # the tensors the deletion slices: refitted, deleted channels zeroed
         error = score.error(masked) if score is not None else float("nan")
         if score is not None and score.labelled:
@@ -358,7 +427,7 @@ class Slice(Pass):
         ir.refresh_vals(gm)  # count_macs reads the new shapes
         macs_after = count_macs(gm)
         result.stats.update({
-            "method": method, "budget": budget, "accuracy_drop": accuracy_drop, "error": error,
+            "samples_run": runner.samples, "method": method, "budget": budget, "accuracy_drop": accuracy_drop, "error": error,
             "macs_before": macs_before, "macs_after": macs_after, "keep": {u.id: u.keep for u in units},
             "dropped": {u.id: sorted(int(j) for j in u.order[u.keep:]) for u in units if u.keep < u.size},
             "spaces": {u.id: {"groups": sorted({sp.group.value for sp, _ in u.members}), "size": u.size,
@@ -384,6 +453,7 @@ class Slice(Pass):
                     w = ir.get_tensor(gm, linear_view(node).weight).detach().double()
                     norms.index_add_(0, unit.base_of[node.name], w.reshape(w.shape[0], -1).pow(2).sum(1))
                 unit.order = torch.argsort(norms, descending=True)
+                unit.importance = norms
             return
         rotate = {u.id for u in units if u.rotatable}
         full = {name: (u.id, len(base) // u.size) for u in units if u.id in rotate for name, base in u.base_of.items()}
@@ -395,22 +465,22 @@ class Slice(Pass):
                 unit.rotation = principal_axes(moments[unit.id])
                 elements[unit.space.id] = unit.rotation
                 unit.order = torch.arange(unit.size)
+                unit.energy = torch.linalg.eigvalsh(moments[unit.id]).flip(0).clamp_min(0.0)  # of axis j
                 continue
             # no rotation in this group: rank base channels by what the readers receive from them,
             # E[x_c^2] * |W_reader[:, c]|^2, summed over the readers and the unit's copies
-            received = torch.zeros(unit.size, dtype=torch.float64)
-            for reader in unit.readers + unit.inner:
-                view = linear_view(reader)
-                w = ir.get_tensor(gm, view.weight).detach().double()
-                column = w.movedim(1, 0).reshape(w.shape[1], -1).pow(2).sum(1)
-                received.index_add_(0, unit.base_of[view.input.name], energies[view.input.name] * column)
+            received = _received(gm, unit, lambda name: energies[name])
             unit.order = torch.argsort(received, descending=True)
+            unit.importance = received
         if elements:
             apply_elements(gm, elements, report)
+        for unit in units:  # a rotated axis: its energy times what the (rotated) readers make of it
+            if unit.rotation is not None:
+                unit.importance = _received(gm, unit, lambda name: unit.energy[unit.base_of[name]])
 
     # ---------------------------------------------------------------------------------- the search
     def _greedy(self, gm, units, trial: TrialDeletion, score: OutputScore, budget, accuracy_drop, ctx, result,
-                measure_moments) -> None:
+                measure_moments, progress: Progress) -> None:
         limit = budget * (1.0 - 1e-3) if budget is not None else float("inf")  # margin for the final rounding
         by_mean = self.options["score"] == "mean" or budget is None
 
@@ -431,7 +501,7 @@ class Slice(Pass):
         # budget holds exactly; only the ordering is heuristic. ~2 evaluations per move instead of #units.
         cache: dict[int, tuple] = {}  # unit id -> (gain, error, fresh, mean, (fits budget, fits accuracy))
         done: set[int] = set()
-        evaluations = refits = 0
+        evaluations = refits = accepted = 0
 
         def step_of(unit):
             return max(1, round(unit.size * granularity))
@@ -444,6 +514,7 @@ class Slice(Pass):
             ok = (err <= limit, accurate())
             unit.keep += step
             evaluations += 1
+            progress.say(evaluations, accepted, current, _macs_after(total_macs, base_macs, units))
             if by_mean:
                 gain = unit.macs_per_channel * step / max(score.mean_error - current_mean, 1e-12)
             else:
@@ -498,10 +569,164 @@ class Slice(Pass):
                     current, current_mean = err, score.mean_error
                 else:
                     trial.moments, trial.drifted = saved
+            accepted += 1
             del cache[unit.id]
             cache.update({k: (v[0], v[1], False, v[3], v[4]) for k, v in cache.items()})
         result.stats["evaluations"] = evaluations
         result.stats["refits"] = refits
+        trial.apply()
+
+    def _search_kind(self, gm, units, eval_sets) -> str:
+        """search="auto": the greedy search while its predicted work is small, else bisect (docstring)."""
+        if self.options["search"] != "auto":
+            return self.options["search"]
+        granularity, floor = float(self.options["granularity"]), int(self.options["min_channels"])
+        moves = sum((u.size - floor) // max(1, round(u.size * granularity)) for u in units)
+        samples = sum(int(s[0].shape[0]) for s in eval_sets)
+        batch = max(1, int(eval_sets[0][0].shape[0]))
+        work = 2 * moves * samples * count_macs(gm) / batch
+        return "greedy" if work <= _GREEDY_WORK_LIMIT else "bisect"
+
+    def _bisect(self, gm, units, trial: TrialDeletion, score: OutputScore, probe: OutputScore, budget, accuracy_drop,
+                ctx, result, measure_moments, progress: Progress) -> None:
+        """The search for large graphs: few evaluations of the whole calibration set.
+
+        1. Per unit, predict the mean output error of keeping k channels as s_u * D_u(k), with D_u(k)
+           the importance (what the readers receive) of the deleted channels and s_u measured by one
+           probe -- deleting a quarter of the unit alone -- on ``probe_samples`` samples.
+        2. Order every unit's moves by MACs saved per unit of predicted error into one path (a unit's
+           moves stay in its own order).
+        3. Bisect the longest prefix of the path that keeps the budgets (each probe of a prefix is one
+           exact evaluation on every evaluation set); with compensate="refit" then re-measure the refit
+           moments on that state and bisect the rest of the path again (up to three rounds): the refit
+           usually frees budget for more moves.
+        """
+        limit = budget * (1.0 - 1e-3) if budget is not None else float("inf")
+        granularity, floor = float(self.options["granularity"]), int(self.options["min_channels"])
+        batch = int(ctx.example_inputs[0].shape[0])
+        base_macs = {n.name: _node_macs(gm, n, batch) for u in units for n in u.convs}
+        total_macs = count_macs(gm)
+        evaluations = refits = 0
+
+        def step_of(unit):
+            return max(1, round(unit.size * granularity))
+
+        # 1. predicted error curves
+        scale: dict[int, float] = {}
+        for unit in units:
+            step = step_of(unit)
+            moves = (unit.size - floor) // step
+            if moves < 1:
+                continue
+            unit.keep = unit.size - step * max(1, min(moves, round(0.25 * unit.size / step)))
+            probe_error, probe_keep = probe.error(trial.apply()), unit.keep
+            deleted = float(unit.importance[unit.order[unit.keep:]].sum())
+            scale[unit.id] = probe.mean_error / deleted if deleted > 0 else probe.mean_error
+            unit.keep = unit.size
+            evaluations += 1
+            progress.say(evaluations, 0, probe_error, total_macs,
+                         f"probe: unit {unit.id} alone at {probe_keep}/{unit.size} channels")
+
+        def predicted(unit, keep) -> float:
+            deleted = float(unit.importance[unit.order[keep:]].sum())
+            return scale[unit.id] * (deleted if float(unit.importance.sum()) > 0 else unit.size - keep)
+
+        # 2. the path: a heap of each unit's next move, by MACs saved per predicted error added
+        path: list[tuple[Unit, int]] = []
+        keeps = {u.id: u.size for u in units}
+        heap = []
+
+        def push(unit):
+            keep = keeps[unit.id] - step_of(unit)
+            if unit.id in scale and keep >= floor:
+                added = predicted(unit, keep) - predicted(unit, keeps[unit.id])
+                gain = unit.macs_per_channel * (keeps[unit.id] - keep) / max(added, 1e-30)
+                heapq.heappush(heap, (-gain, unit.id, keep, unit))
+
+        for unit in units:
+            push(unit)
+        target = self.options["target_macs"]
+        while heap:
+            _, _, keep, unit = heapq.heappop(heap)
+            keeps[unit.id] = keep
+            path.append((unit, keep))
+            push(unit)
+
+        def set_state(m: int) -> None:
+            for unit in units:
+                unit.keep = unit.size
+            for unit, keep in path[:m]:
+                unit.keep = keep
+
+        if target is not None:  # the shortest prefix that reaches the cost, if any
+            for m in range(len(path) + 1):
+                set_state(m)
+                if _macs_after(total_macs, base_macs, units) <= float(target):
+                    path = path[:m]
+                    break
+
+        def fits(m: int) -> bool:
+            nonlocal evaluations
+            set_state(m)
+            err = score.error(trial.apply())
+            evaluations += 1
+            ok = err <= limit and (accuracy_drop is None or
+                                   score.base_accuracy - score.accuracy <= accuracy_drop + 1e-9)
+            if ok:
+                fitting[m] = err
+            progress.say(evaluations, shown[0], err, _macs_after(total_macs, base_macs, units),
+                         f"{m} of {len(path)} moves on the path: {'fits' if ok else 'over the budget'}")
+            return ok
+
+        # 3. bisection of the prefix length, then refit and bisect the rest
+        accepted = 0
+        fitting = {0: 0.0}  # prefix length -> its error, under the current refit moments
+        shown = [0]  # moves accepted, for the progress lines
+        retirements = 0
+        for _ in range(3 if self.options["compensate"] == "refit" else 1):
+            start = accepted
+            while True:
+                lo, hi = accepted, len(path)
+                while lo < hi:
+                    mid = (lo + hi + 1) // 2
+                    shown[0] = lo  # the longest prefix known to fit so far
+                    if fits(mid):
+                        lo = mid
+                    else:
+                        hi = mid - 1
+                accepted = shown[0] = lo
+                if accepted == len(path) or retirements >= _RETIREMENTS:
+                    break
+                # path[accepted] is the move that broke the budget (errors taken as monotone along the path):
+                # its unit is retired, as the greedy search retires a unit whose next move breaks it
+                culprit = path[accepted][0]
+                path = path[:accepted] + [(u, k) for u, k in path[accepted:] if u is not culprit]
+                fitting = {m: e for m, e in fitting.items() if m <= accepted}
+                retirements += 1
+            grew = accepted > start
+            if self.options["compensate"] != "refit" or accepted == 0:
+                break
+            set_state(accepted)
+            saved = trial.moments, trial.drifted, dict(fitting)
+            trial.moments, trial.drifted = measure_moments(), True
+            fitting = {}
+            refits += 1
+            if not fits(accepted):
+                trial.moments, trial.drifted, fitting = saved
+                break
+            if not grew or accepted == len(path) or fitting[accepted] >= saved[2][accepted]:
+                break  # nothing new to refit, or the refit freed no budget for more moves
+        for i in range(accepted):  # bisection of the pipeline (qlfx.debug.bisect): one rewrite per move
+            if not ctx.allow_rewrite():
+                result.skipped.append(Skip("slice", "rewrite limit reached (bisection)"))
+                accepted = i
+                break
+        set_state(accepted)
+        progress.say(evaluations, accepted, fitting.get(accepted, float("nan")),
+                     _macs_after(total_macs, base_macs, units), "done")
+        result.stats.update({"evaluations": evaluations, "refits": refits, "path_moves": len(path),
+                             "retired_units": retirements,
+                             "moves_accepted": accepted})
         trial.apply()
 
     # --------------------------------------------------------------------------------- the rewrite

@@ -17,11 +17,25 @@ A pass may declare what it needs from the graph in ``requires`` (:mod:`qlfx.requ
 ``constants-folded``, ...). The manager checks each before the pass runs; an unmet one is reported with
 the pass that establishes it ("fuse-product needs fold-bn first (16 products are blocked by a BN)"), and
 with ``auto_prereqs=True`` that pass is run first.
+
+**Held-out calibration for lossy passes.** A budget searched on the calibration data holds on that data
+by construction, not on the next input. The context therefore splits the calibration sets
+deterministically (:attr:`PassContext.holdout_indices`: a fraction ``config["holdout"]``, default 0.25,
+of the sets, evenly spaced, e.g. every 4th): a lossy pass searches its budget on
+``ctx.search_calibration`` / ``ctx.search_labels`` only, and the manager checks its budgets on the
+random input sets plus that search part (a failure is an EquivalenceError, as before) and, separately,
+measures the same error and accuracy on ``ctx.holdout_calibration`` / ``ctx.holdout_labels``
+(``check.holdout``; the report's notes and ``to_dict()["holdout"]``). A held-out error beyond the budget is
+a warning (:class:`HeldOutBudgetWarning` and a report note), not a failure: it says the budget does not
+generalise from that many samples. With a single calibration set (or ``config["holdout"] = 0``) nothing is
+held out; the search and the check use every set, and the report says so once. Passes that are not
+lossy see every set in ``ctx.calibration``.
 """
 from __future__ import annotations
 
 import difflib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -32,9 +46,14 @@ from . import ir
 from .errors import EquivalenceError, PassError, QlfxError, UnknownPassError, UsageError
 from .requirements import Requirement, UnmetRequirement
 from .verify import (ERROR_COLUMNS, EquivalenceCheck, Tolerance, check_accuracy, check_against, compare_outputs,
-                     error_cells, first_divergence, random_inputs)
+                     error_cells, first_divergence, random_inputs, run_outputs)
 
 CONTRACTS = ("exact", "equivalent", "lossy")
+DEFAULT_HOLDOUT = 0.25  # fraction of calibration sets a lossy pass's search does not see
+
+
+class HeldOutBudgetWarning(UserWarning):
+    """A lossy pass kept its budget on the calibration it searched on but not on the held-out sets."""
 
 
 @dataclass
@@ -213,6 +232,50 @@ class PassContext:
     dynamic_batch: bool = False
 
     @property
+    def holdout_fraction(self) -> float:
+        """The fraction of calibration sets held out from lossy passes' searches (``config["holdout"]``)."""
+        value = self.config.get("holdout", DEFAULT_HOLDOUT)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+            raise UsageError(f"config['holdout'] is the fraction of calibration sets held out from lossy passes' "
+                             f"searches, a number in [0, 1) (0: none), got {value!r}")
+        return float(value)
+
+    @property
+    def holdout_indices(self) -> list[int]:
+        """Indices into ``calibration`` of the held-out sets: round(n * fraction) of them (at least one, at
+        most n - 1), evenly spaced and ending at the last set; none with fewer than two sets."""
+        n, fraction = len(self.calibration), self.holdout_fraction
+        if n < 2 or fraction == 0.0:
+            return []
+        k = min(n - 1, max(1, round(n * fraction)))
+        return sorted({(i + 1) * n // k - 1 for i in range(k)})
+
+    def _split(self, items: list, held: bool) -> list:
+        chosen = set(self.holdout_indices)
+        return [x for i, x in enumerate(items) if (i in chosen) == held]
+
+    @property
+    def search_calibration(self) -> list[tuple[torch.Tensor, ...]]:
+        """The calibration sets a lossy pass may fit to (all of them when nothing is held out)."""
+        return self._split(list(self.calibration), False)
+
+    @property
+    def search_labels(self) -> list[torch.Tensor | None]:
+        return self._split(self._padded_labels(), False) if self.labels else []
+
+    @property
+    def holdout_calibration(self) -> list[tuple[torch.Tensor, ...]]:
+        """The sets the manager reports a lossy pass's error on and the pass never sees in its search."""
+        return self._split(list(self.calibration), True)
+
+    @property
+    def holdout_labels(self) -> list[torch.Tensor | None]:
+        return self._split(self._padded_labels(), True) if self.labels else []
+
+    def _padded_labels(self) -> list[torch.Tensor | None]:
+        return list(self.labels) + [None] * (len(self.calibration) - len(self.labels))
+
+    @property
     def rewrites_done(self) -> int:
         """Rewrites the current pass has applied so far (counted by :meth:`allow_rewrite`)."""
         return self._rewrites_done
@@ -222,6 +285,15 @@ class PassContext:
             return False
         self._rewrites_done += 1
         return True
+
+
+def holdout_summary(check: EquivalenceCheck) -> str:
+    """One line on a lossy pass's held-out check: its error beside the budget, and the verdict."""
+    h = check.holdout
+    accuracy = f"; {h.accuracy}" if h.accuracy is not None else ""
+    verdict = "within the budget" if h.passed else "EXCEEDS the budget: it does not generalise from the search sets"
+    return (f"held-out: err/max|ref| {h.needed:.3g} (budget {h.allowed:.3g}) on {h.inputs_checked} calibration "
+            f"set(s) the search did not see (search: {check.needed:.3g}){accuracy}; {verdict}")
 
 
 @dataclass
@@ -254,6 +326,8 @@ class Report:
         for r in self.rows:
             if r.check is not None and r.check.accuracy is not None:
                 notes.append(f"  [{r.pass_name}] checked {r.check.accuracy}")
+            if r.check is not None and r.check.holdout is not None:
+                notes.append(f"  [{r.pass_name}] {holdout_summary(r.check)}")
             if r.result is None:
                 continue
             for s in r.result.skipped:
@@ -273,6 +347,11 @@ class Report:
              "accuracy": (None if r.check is None or r.check.accuracy is None else
                           {"before": r.check.accuracy.before, "after": r.check.accuracy.after,
                            "samples": r.check.accuracy.samples, "allowed_drop": r.check.accuracy.allowed_drop}),
+             "holdout": (None if r.check is None or r.check.holdout is None else
+                         {"err": r.check.holdout.needed, "allowed": r.check.holdout.allowed,
+                          "sets": r.check.holdout.inputs_checked, "passed": r.check.holdout.passed,
+                          "accuracy_after": (None if r.check.holdout.accuracy is None
+                                             else r.check.holdout.accuracy.after)}),
              "rewrites": r.result.rewrites if r.result else [],
              "skipped": [str(s) for s in r.result.skipped] if r.result else [],
              "unmet_requirements": ([{"requirement": u.requirement.name, "established_by": u.requirement.established_by,
@@ -302,6 +381,7 @@ class PassManager:
         self.tolerance = tolerance or Tolerance()
         self.verify_inputs = verify_inputs
         self.seed = seed
+        self._said_no_holdout = False
 
     def _tolerance_for(self, p: Pass) -> Tolerance:
         if p.contract == "exact":
@@ -377,13 +457,28 @@ class PassManager:
         try:
             if reference_outputs is not None and ir.same_program(before, candidate):
                 # the same code on the same weights: its outputs are the reference's, bit for bit
-                check, outputs = compare_outputs(reference_outputs, reference_outputs, tolerance), reference_outputs
+                reference_outputs, outputs = reference_outputs, reference_outputs
             else:
-                check, outputs = check_against(before, candidate, inputs, tolerance, reference_outputs)
+                if reference_outputs is None:
+                    reference_outputs = [run_outputs(before, s) for s in inputs]
+                outputs = check_against(before, candidate, inputs, tolerance, reference_outputs)[1]
         except Exception as err:  # noqa: BLE001 - the rewritten graph does not even run
             raise PassError(p.name, err, None, before, report, stage="made a graph that fails to run") from err
-        if p.contract == "lossy" and p.lossy_budgets()[1] is not None:
-            check.accuracy = check_accuracy(before, candidate, ctx.calibration, ctx.labels, p.lossy_budgets()[1])
+        # A lossy pass is held to its budgets on what its search saw (the random sets and the search part of
+        # the calibration); the held-out part is measured alike and reported (module docstring).
+        offset = len(inputs) - len(ctx.calibration)  # input_sets(): the random sets, then the calibration
+        held = {offset + i for i in ctx.holdout_indices} if p.contract == "lossy" else set()
+        searched = [i for i in range(len(inputs)) if i not in held]
+        check = compare_outputs([reference_outputs[i] for i in searched], [outputs[i] for i in searched], tolerance)
+        if held:
+            check.holdout = compare_outputs([reference_outputs[i] for i in sorted(held)],
+                                            [outputs[i] for i in sorted(held)], tolerance)
+        drop = p.lossy_budgets()[1] if p.contract == "lossy" else None
+        if drop is not None:
+            check.accuracy = check_accuracy(before, candidate, ctx.search_calibration, ctx.search_labels, drop)
+            if held and any(y is not None and bool((y >= 0).any()) for y in ctx.holdout_labels):
+                check.holdout.accuracy = check_accuracy(before, candidate, ctx.holdout_calibration,
+                                                        ctx.holdout_labels, drop)
         return check, outputs
 
     def run(self, gm: fx.GraphModule, ctx: PassContext, report: Report | None = None) -> tuple[fx.GraphModule, Report]:
@@ -395,6 +490,7 @@ class PassManager:
         for inst in self.instruments:
             inst.on_start(gm)
         self._reference = getattr(self, "_reference_outputs", None)
+        self._said_no_holdout = False
         self.executed = []
         for p in self.passes:
             gm = self._run_pass(p, gm, ctx, report)
@@ -444,11 +540,28 @@ class PassManager:
                     inst.after_pass(index, p, candidate, result, check)
                 raise EquivalenceError(p.name, check, divergence, gm, report)
             self._reference = outputs
+            self._report_holdout(p, ctx, check, result)
         params, nonzero = ir.count_params(candidate)
         report.rows.append(ReportRow(p.name, p.contract, result.changed, check, seconds, params, nonzero, result))
         for inst in self.instruments:
             inst.after_pass(index, p, candidate, result, check)
         return candidate
+
+    def _report_holdout(self, p: Pass, ctx: PassContext, check: EquivalenceCheck, result: PassResult) -> None:
+        """Warn when a lossy pass's held-out error breaks its budget; say once per run that nothing
+        could be held out (a single calibration set)."""
+        if p.contract != "lossy" or not ctx.calibration:
+            return
+        if check.holdout is None:
+            if not ctx.holdout_indices and not self._said_no_holdout:
+                self._said_no_holdout = True
+                why = ("config['holdout'] is 0" if len(ctx.calibration) > 1 else
+                       "there is a single calibration set (give more samples, or a batch smaller than them)")
+                result.notes.append(f"no held-out calibration: {why}; the budget is checked on the data the "
+                                    f"search fitted, which may not hold on new inputs")
+            return
+        if not check.holdout.passed:
+            warnings.warn(f"{p.name}: {holdout_summary(check)}", HeldOutBudgetWarning, stacklevel=2)
 
     @staticmethod
     def _record_requirements(p: Pass, result: PassResult, before: list[tuple[Requirement, int]], ran: set[str],

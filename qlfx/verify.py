@@ -83,6 +83,9 @@ class EquivalenceCheck:
     outputs: list[OutputComparison] = field(default_factory=list)
     inputs_checked: int = 0
     accuracy: AccuracyCheck | None = None
+    # A lossy pass's check on the held-out calibration sets its search did not see (qlfx.pass_manager):
+    # reported, not part of ``passed``.
+    holdout: "EquivalenceCheck | None" = None
 
     @property
     def passed(self) -> bool:

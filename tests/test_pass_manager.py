@@ -440,3 +440,113 @@ def test_constants_folded_is_what_constant_fold_establishes():
     assert flagged and all(ir.op_name(n) == "repeat" for n in flagged)
     folded = qlfx.compile(model, "constant-fold", example_inputs=(x,)).graph_module
     assert CONSTANTS_FOLDED.met(folded)
+
+
+# ------------------------------------------------------------------------ held-out calibration (12.5)
+class ShiftLogits(Pass):
+    """A lossy pass that adds ``shift * max|x|`` (x: the input) to the class scores and records the
+    calibration it was given: its error relative to max|ref| grows with the input's magnitude."""
+
+    name = "shift-logits"
+    description = "lossy on purpose"
+    contract = "lossy"
+    option_defaults = {"budget": None, "accuracy_drop": None, "shift": 0.0}
+    seen: list = []
+
+    def run(self, gm, ctx):
+        ShiftLogits.seen = list(ctx.search_calibration)
+        out = gm.graph.output_node()
+        (logits,) = ir.output_values(gm)
+        x = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.users)
+        with gm.graph.inserting_before(out):
+            size = ir.call(gm, aten.amax.default, (ir.call(gm, aten.abs.default, (x,)), [0, 1, 2, 3]))
+            term = ir.call(gm, aten.mul.Scalar, (size, float(self.options["shift"])))
+            shifted = ir.call(gm, aten.add.Tensor, (logits, term), like=logits)
+        out.args = ((shifted,),)
+        return PassResult(changed=True)
+
+
+def test_calibration_split_is_deterministic_and_evenly_spaced():
+    from qlfx.errors import UsageError
+    from qlfx.pass_manager import PassContext
+
+    def ctx(n, **config):
+        sets = [(torch.full((1, 2), float(i)),) for i in range(n)]
+        return PassContext(example_inputs=sets[0] if sets else (torch.zeros(1, 2),), calibration=sets,
+                           labels=[torch.tensor([i]) for i in range(n)], config=config)
+
+    assert ctx(1).holdout_indices == [] and len(ctx(1).search_calibration) == 1 and ctx(1).holdout_calibration == []
+    assert ctx(2).holdout_indices == [1]
+    assert ctx(8).holdout_indices == [3, 7]  # a quarter, every 4th, ending at the last set
+    assert ctx(64).holdout_indices == list(range(3, 64, 4))
+    assert ctx(8, holdout=0.5).holdout_indices == [1, 3, 5, 7]
+    assert ctx(8, holdout=0).holdout_indices == [] and len(ctx(8, holdout=0).search_calibration) == 8
+    c = ctx(8)
+    search = [int(s[0][0, 0]) for s in c.search_calibration]
+    assert search == [0, 1, 2, 4, 5, 6] and [int(y) for y in c.search_labels] == search  # labels stay aligned
+    assert [int(y) for y in c.holdout_labels] == [int(s[0][0, 0]) for s in c.holdout_calibration] == [3, 7]
+    with pytest.raises(UsageError, match="fraction of calibration sets"):
+        ctx(8, holdout=1.5).holdout_indices
+
+
+def _shift_setup():
+    """4 single-sample calibration sets, the last (the held-out one) scaled up 20x; per set, the
+    ratio max|x| / max|class scores| that ShiftLogits's relative error is proportional to."""
+    model = _model()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    x[3] *= 20
+    with torch.no_grad():
+        ratios = [float(x[i].abs().max() / model(x[i:i + 1]).abs().max()) for i in range(4)]
+    return model, x, ratios
+
+
+def test_a_lossy_budget_is_checked_on_the_search_sets_and_reported_on_held_out_ones():
+    from qlfx.pass_manager import HeldOutBudgetWarning
+
+    model, x, ratios = _shift_setup()
+    held = 3  # of 4 sets of one sample, the last is held out
+    assert ratios[held] > 2 * max(ratios[:3])
+    budget = 0.01
+    # shift * ratio is within the budget on every search set, beyond it on the held-out one
+    shift = budget / (max(ratios[:3]) * ratios[held]) ** 0.5
+    with pytest.warns(HeldOutBudgetWarning, match="EXCEEDS the budget"):
+        c = qlfx.compile(model, passes=[ShiftLogits(budget=budget, shift=shift)], example_inputs=(x[:1],),
+                         calibration=x, verify_inputs=0)
+    assert len(ShiftLogits.seen) == 3 and not any(torch.equal(s[0], x[held:held + 1]) for s in ShiftLogits.seen)
+    check = c.report.rows[-1].check
+    assert check.passed and check.needed <= budget and check.inputs_checked == 3
+    assert check.holdout.inputs_checked == 1 and not check.holdout.passed
+    assert check.holdout.needed == pytest.approx(shift * ratios[held], rel=1e-3)
+    assert "held-out: err/max|ref|" in str(c.report) and "EXCEEDS" in str(c.report)
+    row = c.report.to_dict()[-1]
+    assert row["holdout"]["passed"] is False and row["holdout"]["sets"] == 1
+    # within the budget on the held-out set too: no warning, the verdict says so
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", HeldOutBudgetWarning)
+        c = qlfx.compile(model, passes=[ShiftLogits(budget=budget, shift=0.9 * budget / ratios[held])],
+                         example_inputs=(x[:1],), calibration=x, verify_inputs=0)
+    assert c.report.rows[-1].check.holdout.passed and "within the budget" in str(c.report)
+    # a search-set error beyond the budget still fails the pass
+    with pytest.raises(qlfx.EquivalenceError):
+        qlfx.compile(model, passes=[ShiftLogits(budget=budget, shift=2 * budget / min(ratios[:3]))],
+                     example_inputs=(x[:1],), calibration=x, verify_inputs=0)
+
+
+def test_held_out_accuracy_is_reported_and_a_single_set_cannot_be_split():
+    model = _model()
+    x = torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    c = qlfx.compile(model, passes=[ShiftLogits(accuracy_drop=0.0, shift=0.1)], example_inputs=(x[:1],),
+                     calibration=x, labels=y, verify_inputs=0)
+    check = c.report.rows[-1].check
+    assert check.accuracy.samples == 6 and check.holdout.accuracy.samples == 2  # sets 3 and 7 held out
+    assert check.holdout.accuracy.drop == 0.0 and check.holdout.passed
+    # one calibration set of 8 samples: nothing to hold out; said once for the run, not per lossy pass
+    c = qlfx.compile(model, passes=[ShiftLogits(budget=0.5, shift=1e-3), ShiftLogits(budget=0.5, shift=1e-3)],
+                     example_inputs=(x,), calibration=x, verify_inputs=0)
+    assert all(r.check.holdout is None for r in c.report.rows[1:])
+    assert str(c.report).count("no held-out calibration: there is a single calibration set") == 1
+    assert len(ShiftLogits.seen) == 1

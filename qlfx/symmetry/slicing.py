@@ -36,6 +36,9 @@ zeroed where they are produced (writers' rows and biases, per-channel constants)
 are refitted. A zero channel stays zero through every op of its unit and adds nothing to a radial
 norm, so this computes exactly what the physically sliced graph computes.
 
+**Progress** (:class:`Progress`): one line per evaluation on stderr -- moves tried / accepted, the
+current error against the budget, the MACs saved -- like the TVM tuner's lines (qlfx.emit.tvm).
+
 **Score** (:class:`OutputScore`): per output, over the input sets, max|new - ref| / max|ref| (the lossy
 budget, as the pass manager checks it), the mean of ||new - ref||^2 / ||ref||^2 (smooth: every sample
 counts) and the top-1 accuracy of the first output on the labelled sets.
@@ -43,6 +46,8 @@ counts) and the top-1 accuracy of the first output on the labelled sets.
 from __future__ import annotations
 
 import math
+import sys
+import time
 from typing import Iterable, Iterator, Sequence
 
 import torch
@@ -52,7 +57,7 @@ from qlfx import ir
 from qlfx.verify import run_outputs, top1_correct
 
 __all__ = ["Unit", "units_of", "linear_view", "Runner", "channel_moments", "principal_axes", "compensable",
-           "reader_key", "reader_moments", "refit", "mean_shift", "TrialDeletion", "OutputScore"]
+           "reader_key", "reader_moments", "refit", "mean_shift", "TrialDeletion", "OutputScore", "Progress"]
 
 InputSet = tuple[torch.Tensor, ...]
 
@@ -83,6 +88,8 @@ class Unit:
         self.rotation: torch.Tensor | None = None
         self.keep: int = size
         self.macs_per_channel: float = 0.0
+        self.importance: torch.Tensor | None = None  # per base index: what deleting it costs (a proxy)
+        self.energy: torch.Tensor | None = None  # a rotated unit: the energy of principal axis j
 
     @property
     def space(self):
@@ -138,10 +145,12 @@ class Runner:
 
     def __init__(self, example_inputs: Sequence[torch.Tensor], dynamic_batch: bool):
         self.batch = None if dynamic_batch else int(example_inputs[0].shape[0])
+        self.samples = 0  # samples run so far, all graphs together: the search's machine-independent cost
 
     def chunks(self, inputs: InputSet) -> Iterator[tuple[InputSet, int]]:
         """(inputs of exactly ``batch`` samples, how many of them are real), covering the set in order."""
         n = int(inputs[0].shape[0])
+        self.samples += n
         if self.batch is None or n == self.batch:
             yield inputs, n
             return
@@ -308,7 +317,8 @@ class TrialDeletion:
 
     def __init__(self, gm: fx.GraphModule, units: list[Unit], compensate):
         self.gm, self.units, self.compensate = gm, units, compensate
-        self.moments: dict = {}
+        self._moments: dict = {}
+        self._fits: dict = {}  # (reader, kept count) -> its refit under the current moments
         self.drifted = False  # True once the moments are those of a graph with deletions
         self._unshare()
         self.saved = {}
@@ -319,6 +329,14 @@ class TrialDeletion:
                         self.saved[t.target] = ir.get_tensor(gm, t).detach().clone()
             for node, i in unit.constants:
                 self.saved[node.args[i].target] = ir.get_tensor(gm, node.args[i]).detach().clone()
+
+    @property
+    def moments(self) -> dict:
+        return self._moments
+
+    @moments.setter
+    def moments(self, value: dict) -> None:
+        self._moments, self._fits = value, {}  # a refit is a function of the moments and the kept channels
 
     def _unshare(self) -> None:
         gm = self.gm
@@ -367,7 +385,11 @@ class TrialDeletion:
                     w2 = weight.reshape(weight.shape[0], weight.shape[1])  # a view: writes reach the weight
                     if self.compensate in ("refit", "refit-once"):
                         kept = unit.kept_channels(view.input.name)
-                        fitted_w, fitted_b = refit(w2, bias, self.moments[key], kept)
+                        fit = (node.name, unit.keep)  # the search revisits states: solve each once
+                        if fit not in self._fits:
+                            self._fits[fit] = refit(self.saved[view.weight.target].reshape(w2.shape),
+                                                    self.saved[view.bias.target], self.moments[key], kept)
+                        fitted_w, fitted_b = self._fits[fit]
                         w2[:, kept] = fitted_w.to(w2.dtype)
                         bias.copy_(fitted_b.to(bias.dtype))
                     else:
@@ -436,3 +458,28 @@ class OutputScore:
         self.mean_error = sum(mean_terms) / max(len(mean_terms), 1)
         self.accuracy = self._accuracy(outputs)
         return worst
+
+
+# ----------------------------------------------------------------------------------------- progress
+class Progress:
+    """The search's progress on stderr (when ``enabled``): one line per evaluated state."""
+
+    def __init__(self, enabled: bool, budget: float | None, macs_before: int, name: str = "slice"):
+        self.enabled, self.budget, self.macs_before, self.name = enabled, budget, macs_before, name
+        self.start = time.perf_counter()
+
+    def say(self, tried: int, accepted: int, error: float, macs: float, what: str = "") -> None:
+        if not self.enabled:
+            return
+        saved = 100.0 * (1.0 - macs / max(self.macs_before, 1))
+        budget = f" (budget {self.budget:g})" if self.budget is not None else ""
+        print(f"[qlfx.{self.name}] {tried} moves tried, {accepted} accepted; error {error:.3g}{budget}; MACs "
+              f"{_short(self.macs_before)} -> {_short(macs)} ({saved:.1f}% saved); "
+              f"{time.perf_counter() - self.start:.0f}s{'; ' + what if what else ''}", file=sys.stderr, flush=True)
+
+
+def _short(count: float) -> str:
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if count >= scale:
+            return f"{count / scale:.3f}{suffix}"
+    return f"{count:.0f}"
