@@ -12,6 +12,15 @@ Engines (fp32, ``--threads`` threads each, default 2):
   tvm plain           TVM Relax from the plain traced graph, no qlfx passes, untuned (default schedules)
   tvm qlfx            qlfx passes + fused kernels, MetaSchedule-tuned (--trials per task, database reused)
 
+int8 engines (skip with --skip-int8), calibrated on --calibration seeded random images:
+  ort qlfx int8       onnxruntime on qlfx's int8 QDQ ONNX: DEFAULT_PIPELINE + quantize (estimator mse)
+  ort static int8     onnxruntime's quantize_static (QDQ, per-channel int8 weights, uint8 activations,
+                      MinMax, reduce_range as qlfx chose it) on qlfx's fp32 ONNX with its functions
+                      inlined, same images
+After each table: the ratios ort plain / ort qlfx int8 (issue 11 target >= 2.5) and ort static int8 /
+ort qlfx int8 (target >= 1), from the same run. int8 outputs are checked against fp32 within
+--int8-tolerance (relative max error; random weights, so this bounds rather than judges accuracy).
+
 Method (DESIGN.md §5): every onnxruntime session has ``allow_spinning = 0`` and ``intra_op_num_threads``
 = threads; engines run in blocks of consecutive runs, blocks of all engines alternate, medians over all
 runs. Roofline floor = conv+linear FLOPs of the model (from the traced graph's shapes) / the measured
@@ -71,19 +80,19 @@ def build_engines(name: str, batch: int, args, workdir: Path) -> tuple[list[comm
     facts: dict = {"shape": shape}
     engines: list[common.Engine] = []
 
-    def check(engine_name: str, out) -> str:
+    def check(engine_name: str, out, tolerance: float) -> str:
         out = np.asarray(out)
         err = float(np.abs(out - reference).max() / max(1e-12, float(np.abs(reference).max())))
-        if not np.isfinite(err) or err > 1e-3:
+        if not np.isfinite(err) or err > tolerance:
             return f"WRONG: rel err {err:.1e}"
         return f"rel err {err:.0e}"
 
-    def add(engine_name: str, make) -> None:
+    def add(engine_name: str, make, tolerance: float = 1e-3) -> None:
         log(f"[{name} b{batch}] preparing {engine_name}")
         start = time.perf_counter()
         try:
             run, out, note = make()
-            note = "; ".join(x for x in (check(engine_name, out), note) if x)
+            note = "; ".join(x for x in (check(engine_name, out, tolerance), note) if x)
             engines.append(common.Engine(engine_name, run, f"{note}; ready in {time.perf_counter() - start:.0f}s"))
         except Exception as err:  # noqa: BLE001 -- an engine that fails is reported n/a, the others go on
             if args.verbose:
@@ -144,6 +153,59 @@ def build_engines(name: str, batch: int, args, workdir: Path) -> tuple[list[comm
 
     add("ort qlfx", ort_qlfx)
 
+    # --- int8: qlfx's quantize pass, and onnxruntime's quantize_static on qlfx's fp32 ONNX
+    calibration = torch.randn(args.calibration, *shape[1:], generator=torch.Generator().manual_seed(1))
+    int8 = {}
+
+    def ort_qlfx_int8():
+        compiled = qlfx.compile(model, passes=f"{pipeline},quantize<budget=inf>", example_inputs=(x,),
+                                calibration=calibration)
+        stats = next(r.result.stats for r in compiled.report.rows if r.pass_name == "quantize")
+        int8["reduce_range"] = stats["weight_bits"] == 7
+        path = workdir / f"{name}_b{batch}_qlfx_int8.onnx"
+        compiled.to_onnx(str(path))
+        session = common.ort_session(str(path), args.threads)
+        feed = {session.get_inputs()[0].name: x_np}
+        run = lambda: session.run(None, feed)  # noqa: E731
+        return run, run()[0], (f"{stats['ops']} int8 ops, {stats['weight_bits']}-bit weights, {stats['estimator']}, "
+                               f"{stats['samples']} calibration images")
+
+    def ort_static_int8():
+        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                              quantize_static)
+
+        fp32_path = workdir / f"{name}_b{batch}_qlfx.onnx"
+        if not fp32_path.exists():
+            qlfx_compiled().to_onnx(str(fp32_path))
+        reduce_range = int8.get("reduce_range", True)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self):
+                self.feeds = iter([{"x": calibration[i:i + batch].numpy()}
+                                   for i in range(0, len(calibration) - batch + 1, batch)])
+
+            def get_next(self):
+                return next(self.feeds, None)
+
+        # qlfx's ONNX functions (qlfx.BranchProduct, ...) inlined: quantize_static quantises graph nodes only
+        import onnx
+        import onnx.inliner
+
+        inlined = workdir / f"{name}_b{batch}_qlfx_inlined.onnx"
+        onnx.save(onnx.inliner.inline_local_functions(onnx.load(str(fp32_path))), str(inlined))
+        path = workdir / f"{name}_b{batch}_ort_static_int8.onnx"
+        quantize_static(str(inlined), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax)
+        session = common.ort_session(str(path), args.threads)
+        feed = {session.get_inputs()[0].name: x_np}
+        run = lambda: session.run(None, feed)  # noqa: E731
+        return run, run()[0], f"quantize_static QDQ per-channel, reduce_range={reduce_range}"
+
+    if not args.skip_int8:
+        add("ort qlfx int8", ort_qlfx_int8, tolerance=args.int8_tolerance)
+        add("ort static int8", ort_static_int8, tolerance=args.int8_tolerance)
+
     # --- TVM without qlfx passes, untuned
     def tvm_plain():
         gm = qlfx.trace(model, (x,))
@@ -168,7 +230,8 @@ def build_engines(name: str, batch: int, args, workdir: Path) -> tuple[list[comm
         note += f", built in {time.perf_counter() - t0:.0f}s"
         return _tvm_runner(module, x_np), module(x_np), note
 
-    add("tvm qlfx", tvm_qlfx)
+    if not args.skip_tvm_qlfx:
+        add("tvm qlfx", tvm_qlfx)
 
     gm_plain = qlfx.trace(model, (x,))
     facts["conv_flops"], facts["flops"] = common.conv_flops(gm_plain)
@@ -198,6 +261,11 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny models, batch 1, few repeats, 4 trials")
     parser.add_argument("--skip-torch-compile", action="store_true")
     parser.add_argument("--skip-tvm-plain", action="store_true")
+    parser.add_argument("--skip-tvm-qlfx", action="store_true")
+    parser.add_argument("--skip-int8", action="store_true", help="skip the int8 onnxruntime engines")
+    parser.add_argument("--calibration", type=int, default=8, help="random calibration images for the int8 engines")
+    parser.add_argument("--int8-tolerance", type=float, default=0.5,
+                        help="int8 engines: largest relative max error against fp32 before 'WRONG' (random weights)")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -235,6 +303,12 @@ def main(argv=None) -> int:
             print(f"== {name}  batch {batch}  input {tuple(facts['shape'])}  conv+linear {facts['flops'] / 1e9:.2f} "
                   f"GFLOP  floor {floor_ms:.2f} ms")
             print(common.format_table(rows, ["engine", "median ms", "speedup vs eager", "x floor", "runs", "notes"]))
+            ms = {e.name: e.median_ms for e in engines if e.median_ms}
+            if "ort qlfx int8" in ms:
+                ratios = [f"{other} / ort qlfx int8 = {ms[other] / ms['ort qlfx int8']:.2f}x (target >= {target})"
+                          for other, target in (("ort plain", 2.5), ("ort static int8", 1.0), ("ort qlfx", "-"))
+                          if other in ms]
+                print("int8: " + "; ".join(ratios))
             print(flush=True)
     return 0
 

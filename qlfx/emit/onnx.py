@@ -16,6 +16,11 @@ runtime runs it and a backend that knows it can match it by name:
 - ``qlfx.Hardball(X)`` <radius> = ``X * r / max(|X|, r)``, |X| the L2 norm over axis 1;
 - ``qlfx.Softball(X)`` <radius> = ``X / sqrt(1 + |X|^2 / r^2)``; radius = the op's radius or sqrt(C).
 
+A graph the ``quantize`` pass made (``aten.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``,
+which torchlib exports as QuantizeLinear -> DequantizeLinear) becomes an int8 QDQ model:
+:func:`store_quantized_constants` stores the quantised weights as int8 and the biases as int32, the
+form onnxruntime fuses into QLinearConv / QGemm / QLinearMul / QLinearAdd.
+
 Why functions are added after the export: torch.onnx runs onnxscript's version converter on every
 model, which inlines every function a translation calls. A translation therefore emits a plain node of
 the qlfx domain (its ``OpSchema`` given to onnxscript's ``Op``), and the FunctionProtos are appended to
@@ -49,11 +54,15 @@ from onnxscript.values import Op, Opset
 from .. import capture, emit
 from ..errors import QlfxError, UnsupportedOpsError, UsageError
 from ..io import atomic_write, ensure_writable_dir
+from ..quantization import is_quantized
 
 __all__ = ["export_onnx", "to_onnx_model", "check_in_onnxruntime", "supported_targets", "add_functions",
            "TRANSLATIONS", "QLFX_DOMAIN", "OnnxCheckError"]
 
 QLFX_DOMAIN = "qlfx"
+# onnxruntime's int8 kernels against the graph's fake-quant simulation: the same integers except where a
+# float sum lands within rounding of a .5 step of a quantiser, which then moves one step and carries on
+QUANTIZED_TOLERANCE = 0.02
 MIN_OPSET = 18  # torchlib's opset: reductions take axes as inputs
 _QLFX = Opset(QLFX_DOMAIN, 1)
 
@@ -203,6 +212,87 @@ def unsupported_sites(gm: fx.GraphModule, ep: torch.export.ExportedProgram) -> l
     return emit.unsupported_sites(gm, missing, "no ONNX translation for")
 
 
+# ------------------------------------------------------------------------------ quantised constants
+def _constant_values(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """name -> value of every initializer and ``Constant`` node output of ``graph``."""
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.attribute:
+            if node.attribute[0].name == "value":
+                values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return values
+
+
+def _per_axis(values: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    """A scale / zero point (scalar or 1-D along ``axis``) shaped to broadcast against a rank-``rank`` tensor."""
+    if values.ndim == 0:
+        return values
+    shape = [1] * rank
+    shape[axis % rank] = values.shape[0]
+    return values.reshape(shape)
+
+
+def store_quantized_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Give a QDQ model (``aten.fake_quantize_*`` exports as QuantizeLinear -> DequantizeLinear) the form
+    onnxruntime's int8 fusion matches; return it (changed in place). Two rewrites, both exact:
+
+    - a ``QuantizeLinear`` of a constant (a quantised weight) becomes the int8 initializer it computes
+      (``saturate(rint(w / scale) + zero_point)``, half to even as ONNX rounds), so ``DequantizeLinear``
+      reads stored integers;
+    - the float bias of a ``Conv`` / ``Gemm`` whose input and weight are both dequantised becomes int32
+      ``q_b = rint(b / (s_x * s_w))`` with ``DequantizeLinear(q_b, s_x * s_w)`` (per output channel): the
+      bias an int8 kernel adds to its int32 accumulator. Exact when ``b`` already lies on that grid
+      (passes/quantize.py rounds it so).
+    """
+    graph = proto.graph
+    constants = _constant_values(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    kept, folded = [], {}
+    for node in graph.node:
+        if node.op_type == "QuantizeLinear" and node.domain in ("", "ai.onnx") and len(node.input) == 3 \
+                and all(i in constants for i in node.input):
+            w, scale, zero = (constants[i] for i in node.input)
+            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+            info = np.iinfo(zero.dtype)
+            q = np.rint(w.astype(np.float32) / _per_axis(scale.astype(np.float32), axis, w.ndim))
+            q = np.clip(q + _per_axis(zero.astype(np.float32), axis, w.ndim), info.min, info.max).astype(zero.dtype)
+            graph.initializer.append(onnx.numpy_helper.from_array(q, node.output[0]))
+            folded[node.output[0]] = q
+            continue
+        kept.append(node)
+    constants.update(folded)
+    added = []
+    for node in kept:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 3 or node.input[2] not in constants:
+            continue
+        dq_x, dq_w = producer.get(node.input[0]), producer.get(node.input[1])
+        if not all(d is not None and d.op_type == "DequantizeLinear" for d in (dq_x, dq_w)):
+            continue
+        if dq_w.input[0] not in constants or not all(i in constants for i in (*dq_x.input[1:2], *dq_w.input[1:2])):
+            continue
+        bias = constants[node.input[2]].astype(np.float32)
+        scale = (constants[dq_x.input[1]].astype(np.float32) * constants[dq_w.input[1]].astype(np.float32))
+        scale = np.broadcast_to(scale, bias.shape).astype(np.float32)
+        q = np.clip(np.rint(bias / scale), -2.0 ** 31, 2.0 ** 31 - 1).astype(np.int32)
+        base = f"{node.input[2]}_int32_{len(added)}"
+        graph.initializer.extend([onnx.numpy_helper.from_array(q, base),
+                                  onnx.numpy_helper.from_array(scale, f"{base}_scale"),
+                                  onnx.numpy_helper.from_array(np.zeros_like(q), f"{base}_zero_point")])
+        dequantized = f"{base}_dequantized"
+        added.append(onnx.helper.make_node("DequantizeLinear", [base, f"{base}_scale", f"{base}_zero_point"],
+                                           [dequantized], axis=0, name=f"{base}_DequantizeLinear"))
+        node.input[2] = dequantized
+    if not folded and not added:
+        return proto
+    del graph.node[:]
+    graph.node.extend(added + kept)  # the new nodes read initializers only
+    read = {i for node in graph.node for i in node.input} | {o.name for o in graph.output}
+    unread = [t for t in graph.initializer if t.name not in read]  # the float weights and biases replaced
+    for t in unread:
+        graph.initializer.remove(t)
+    return proto
+
+
 # ------------------------------------------------------------------------------------------- API
 def _input_names(gm: fx.GraphModule) -> list[str]:
     return [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -255,6 +345,7 @@ def to_onnx_model(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], op
     program.model.producer_name = "qlfx"
     proto = ir.serde.serialize_model(program.model)
     add_functions(proto)
+    store_quantized_constants(proto)
     if check:
         try:
             onnx.checker.check_model(proto, full_check=True)
@@ -291,7 +382,8 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], path
     """Write ``gm`` as an ONNX model at ``path`` (atomically: whole or not at all); return the path.
 
     With ``check`` (default) the model passes onnx.checker (full check, shape inference) and runs in
-    onnxruntime on the example inputs with the graph's outputs (:func:`check_in_onnxruntime`).
+    onnxruntime on the example inputs with the graph's outputs (:func:`check_in_onnxruntime`; a graph
+    the ``quantize`` pass made is an int8 QDQ model, checked within ``QUANTIZED_TOLERANCE``).
     Raises UsageError for an unwritable path (before any work), UnsupportedOpsError listing every
     node without an ONNX form, OnnxCheckError when a check fails.
     """
@@ -302,7 +394,8 @@ def export_onnx(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], path
     proto = to_onnx_model(gm, example_inputs, opset=opset, check=check)
     data = proto.SerializeToString()
     if check:
-        check_in_onnxruntime(data, gm, capture.check_example_inputs(example_inputs))
+        check_in_onnxruntime(data, gm, capture.check_example_inputs(example_inputs),
+                             tolerance=QUANTIZED_TOLERANCE if is_quantized(gm) else 1e-4)
     try:
         atomic_write(path, data)
     except OSError as err:

@@ -29,6 +29,12 @@ L1 is not smooth: descent brings entries near zero but does not make them exactl
 come from triangularisation (``passes/sparsify.py``), and diagonal scalings keep those zeros. The
 returned elements are exact group members (orthogonal to float64 rounding), so applying them with
 ``apply_elements`` keeps the outputs unchanged whatever the optimiser reached.
+
+The machinery is not tied to L1: :func:`minimize` takes any differentiable ``objective(view)`` of a
+:class:`GroupView` (the weights ``view.weight(term)`` and channel vectors ``view.channels(node, x)`` under
+the current elements) and an optional ``start`` element per space, so the search runs over
+``M = M(p) M_start`` (a Hadamard start for the ``rotate`` pass's int8 objective, for instance).
+:func:`minimize_l1` is ``minimize`` with ``sum |W'|``.
 """
 from __future__ import annotations
 
@@ -40,10 +46,11 @@ import torch.fx as fx
 
 from qlfx import ir
 
-from .groups import Element, Group, Monomial
+from .groups import Element, Group, Monomial, as_element, to_dense
 from .spaces import SymmetryReport, analyze
 
-__all__ = ["minimize_l1", "l1_of_weights", "orthogonal_from_skew", "OPTIMIZABLE_GROUPS"]
+__all__ = ["minimize", "minimize_l1", "l1_of_weights", "orthogonal_from_skew", "OPTIMIZABLE_GROUPS", "GroupView",
+           "Parameterisation", "weight_terms", "select_spaces"]
 
 OPTIMIZABLE_GROUPS = (Group.O, Group.GL, Group.MONOMIAL, Group.POSITIVE_MONOMIAL)
 
@@ -81,35 +88,67 @@ class _Term:
     weight: torch.Tensor  # float64 copy
     groups: int
     x: str | None  # node name of the input value
-    y: str
+    y: str  # name of the output value (``<node>.a`` / ``<node>.b`` for a branch of a fused product)
 
 
-class _Parameterisation:
-    """Learnable parameters of the chosen spaces and the map to per-space elements."""
+class Parameterisation:
+    """Learnable parameters of the chosen spaces and the map to per-space elements: ``M = M(p) M_start``
+    (``start``: optional {space id: element of its group}; identity where not given; a start of a
+    monomial space must be a positive diagonal). ``orthogonal``: GL spaces searched over their
+    subgroup O(n) instead (an isometry keeps weight and activation norms, e.g. for quantisation error);
+    ``diagonal``: GL spaces searched over their positive diagonals only (log-scales, like monomial ones)."""
 
-    def __init__(self, report: SymmetryReport, space_ids: list[int], orthogonal_map: str):
+    def __init__(self, report: SymmetryReport, space_ids: list[int], orthogonal_map: str = "cayley",
+                 start: dict[int, Element] | None = None, orthogonal: Iterable[int] = (),
+                 diagonal: Iterable[int] = ()):
         self.report = report
         self.map = orthogonal_map
+        self.orthogonal = set(orthogonal)
+        self.diagonal = set(diagonal)
         self.params: dict[int, torch.Tensor] = {}
+        self.start: dict[int, tuple[torch.Tensor, torch.Tensor] | torch.Tensor] = {}
+        for sid, e in (start or {}).items():
+            if sid not in space_ids:
+                continue
+            if self._group(sid) in (Group.O, Group.GL):
+                m = to_dense(as_element(e)).to(torch.float64)
+                self.start[sid] = (m, m.T if self._group(sid) is Group.O else torch.linalg.inv(m))
+            else:
+                e = as_element(e)
+                if not isinstance(e, Monomial) or not bool((e.perm == torch.arange(e.size)).all()):
+                    raise ValueError(f"space {sid}: the start of a scaling space must be a diagonal")
+                self.start[sid] = e.scale.clone()
         for sid in space_ids:
             space = report.spaces[sid]
-            if space.group in (Group.O, Group.GL):
+            if self._group(sid) in (Group.O, Group.GL):
                 self.params[sid] = torch.zeros(space.size, space.size, dtype=torch.float64, requires_grad=True)
             else:
                 self.params[sid] = torch.zeros(space.size, dtype=torch.float64, requires_grad=True)
+
+    def _group(self, sid: int) -> Group:
+        group = self.report.spaces[sid].group
+        if group is Group.GL and sid in self.diagonal:
+            return Group.POSITIVE_MONOMIAL
+        return Group.O if group is Group.GL and sid in self.orthogonal else group
 
     def space_elements(self) -> dict[int, _SiteElement]:
         """Per-space differentiable elements, derived product spaces included."""
         out: dict[int, _SiteElement] = {}
         for sid, p in self.params.items():
-            group = self.report.spaces[sid].group
+            group = self._group(sid)
+            start = self.start.get(sid)
             if group is Group.O:
                 m = orthogonal_from_skew(p, self.map)
+                if start is not None:
+                    m = m @ start[0]
                 out[sid] = _SiteElement(dense=m, dense_inv=m.transpose(0, 1))
             elif group is Group.GL:
-                out[sid] = _SiteElement(dense=torch.linalg.matrix_exp(p), dense_inv=torch.linalg.matrix_exp(-p))
+                m, mi = torch.linalg.matrix_exp(p), torch.linalg.matrix_exp(-p)
+                if start is not None:
+                    m, mi = m @ start[0], start[1] @ mi
+                out[sid] = _SiteElement(dense=m, dense_inv=mi)
             else:
-                out[sid] = _SiteElement(diag=torch.exp(p))
+                out[sid] = _SiteElement(diag=torch.exp(p) if start is None else torch.exp(p) * start)
         # derived product spaces: kron(d_z, I_mz) = kron(d_a, I_ma) * kron(d_b, I_mb)
         pending = [p for p in self.report.products if self.report.spaces[p.z[0]].derived]
         for _ in range(len(pending) + 1):
@@ -140,16 +179,21 @@ class _Parameterisation:
         result: dict[int, Element] = {}
         with torch.no_grad():
             for sid, p in self.params.items():
-                group = self.report.spaces[sid].group
+                group = self._group(sid)
+                start = self.start.get(sid)
                 if group is Group.O:
                     m = orthogonal_from_skew(p.detach(), self.map)
+                    if start is not None:
+                        m = m @ start[0]
                     # re-orthogonalise: polar factor via SVD, so Q^T Q = I to float64 rounding
                     u, _, vh = torch.linalg.svd(m)
                     result[sid] = u @ vh
                 elif group is Group.GL:
-                    result[sid] = torch.linalg.matrix_exp(p.detach()).clone()
+                    m = torch.linalg.matrix_exp(p.detach()).clone()
+                    result[sid] = m if start is None else m @ start[0]
                 else:
-                    result[sid] = Monomial.diagonal(torch.exp(p.detach()))
+                    d = torch.exp(p.detach())
+                    result[sid] = Monomial.diagonal(d if start is None else d * start)
         return result
 
 
@@ -213,6 +257,9 @@ def _terms(gm: fx.GraphModule, report: SymmetryReport, space_ids: set[int]) -> l
     terms = []
     for node in gm.graph.nodes:
         kind = report.node_kinds.get(node.name)
+        if kind == "branch_product":  # a fused product: each branch is a conv writing a virtual value
+            terms.extend(_branch_terms(gm, report, node, touched))
+            continue
         if kind not in ("linear", "depthwise"):
             continue
         view = ir.ConvCall.of(node) or ir.LinearCall.of(node)
@@ -228,31 +275,63 @@ def _terms(gm: fx.GraphModule, report: SymmetryReport, space_ids: set[int]) -> l
     return terms
 
 
-def l1_of_weights(gm: fx.GraphModule, report: SymmetryReport | None = None,
-                  spaces: Iterable[int] | None = None) -> float:
-    """sum |W| over the conv/linear weights that touch ``spaces`` (all continuous spaces by default)."""
-    report = report if report is not None else analyze(gm)
-    ids = _default_spaces(report) if spaces is None else set(spaces)
-    return float(sum(t.weight.abs().sum() for t in _terms(gm, report, ids)))
+def _branch_terms(gm: fx.GraphModule, report: SymmetryReport, node: fx.Node, touched: set[int]) -> list[_Term]:
+    args = ir.op_args(node)
+    x = args["x"]
+    out = []
+    for branch in ("a", "b"):
+        y = f"{node.name}.{branch}"
+        kind = report.node_kinds.get(y)
+        w_node = args[f"weight_{branch}"]
+        if kind not in ("linear", "depthwise") or not ir.is_constant(w_node):
+            continue
+        spaces = set(report.spaces_of(y)) | set(report.spaces_of(x.name) if isinstance(x, fx.Node) else ())
+        if not spaces & touched:
+            continue
+        groups = 1 if branch == "a" else int(args["groups_b"])
+        out.append(_Term(y, kind, ir.get_tensor(gm, w_node).detach().double().clone(), groups,
+                         x.name if isinstance(x, fx.Node) else None, y))
+    return out
 
 
-def _default_spaces(report: SymmetryReport) -> set[int]:
-    return {s.id for s in report.spaces if s.group in OPTIMIZABLE_GROUPS and not s.derived and s.size > 0}
+def weight_terms(gm: fx.GraphModule, report: SymmetryReport, space_ids: Iterable[int]) -> list[_Term]:
+    """The conv / linear / depthwise weights (fused product branches included) that the elements of
+    ``space_ids`` (or the product spaces derived from them) rewrite, as float64 copies."""
+    return _terms(gm, report, set(space_ids))
 
 
-def minimize_l1(gm: fx.GraphModule, spaces: Iterable[int] | None = None, steps: int = 200, lr: float = 0.02,
-                report: SymmetryReport | None = None, orthogonal_map: str = "cayley",
-                groups: Iterable[Group | str] | None = None) -> tuple[dict[int, Element], list[float]]:
-    """Descend on L(g) = sum |W'(g)|_1 over the weights touching the chosen spaces.
+class GroupView:
+    """The graph under differentiable elements: ``weight(term)`` is ``W' = M_y W M_x^-1``,
+    ``channels(node, x)`` maps channel vectors x (rows, [..., C]) of ``node``'s value to ``M x``.
+    ``inputs`` (optional) gives the elements used on the input side of the weights (M_x) separately
+    from ``outputs`` (M_y and channel values) -- same values, other autograd leaves -- so a caller can
+    read off which part of an objective's gradient comes from each side (the ``equalize`` pass)."""
 
-    ``spaces``: space ids (default: every non-derived space whose group has a continuous part,
-    optionally filtered by ``groups``, e.g. ``groups=("monomial", "positive-monomial")`` for scalings
-    only). Returns ``(elements, history)``: elements ``{space id: element}`` for
-    :func:`~qlfx.symmetry.action.apply_elements` (``gm`` itself is not changed), and the objective at
-    every step (``history[0]`` at the identity, ``history[-1]`` at the returned elements). The best
-    iterate is returned, so ``history[-1] <= history[0]``.
-    """
-    report = report if report is not None else analyze(gm)
+    def __init__(self, report: SymmetryReport, terms: list[_Term], outputs: dict[int, _SiteElement],
+                 inputs: dict[int, _SiteElement] | None = None):
+        self.report, self.terms = report, terms
+        self.outputs = outputs
+        self.inputs = outputs if inputs is None else inputs
+
+    def site(self, node: str | None, side: str = "out") -> _SiteElement:
+        return _site(self.report, self.outputs if side == "out" else self.inputs, node)
+
+    def weight(self, term: _Term) -> torch.Tensor:
+        return _transform(term, self.site(term.x, "in"), self.site(term.y, "out"))
+
+    def channels(self, node: str, x: torch.Tensor) -> torch.Tensor:
+        e = self.site(node, "out")
+        if e.diag is not None:
+            return x * e.diag
+        if e.dense is not None:
+            return x @ e.dense.T
+        return x
+
+
+def select_spaces(report: SymmetryReport, spaces: Iterable[int] | None = None,
+                  groups: Iterable[Group | str] | None = None) -> list[int]:
+    """Sorted ids of the non-derived spaces with a continuous group among ``spaces`` (default: all),
+    restricted to ``groups`` when given. A derived product space asked for by id is an error."""
     if spaces is None:
         ids = _default_spaces(report)
     else:
@@ -268,30 +347,76 @@ def minimize_l1(gm: fx.GraphModule, spaces: Iterable[int] | None = None, steps: 
     if groups is not None:
         wanted = {Group.parse(g) for g in groups}
         ids = {i for i in ids if report.spaces[i].group in wanted}
-    ids_sorted = sorted(ids)
-    param = _Parameterisation(report, ids_sorted, orthogonal_map)
+    return sorted(ids)
+
+
+def l1_of_weights(gm: fx.GraphModule, report: SymmetryReport | None = None,
+                  spaces: Iterable[int] | None = None) -> float:
+    """sum |W| over the conv/linear weights that touch ``spaces`` (all continuous spaces by default)."""
+    report = report if report is not None else analyze(gm)
+    ids = _default_spaces(report) if spaces is None else set(spaces)
+    return float(sum(t.weight.abs().sum() for t in _terms(gm, report, ids)))
+
+
+def _default_spaces(report: SymmetryReport) -> set[int]:
+    return {s.id for s in report.spaces if s.group in OPTIMIZABLE_GROUPS and not s.derived and s.size > 0}
+
+
+def minimize(gm: fx.GraphModule, objective, spaces: Iterable[int] | None = None, steps: int = 200,
+             lr: float = 0.02, report: SymmetryReport | None = None, orthogonal_map: str = "cayley",
+             groups: Iterable[Group | str] | None = None, start: dict[int, Element] | None = None,
+             orthogonal: Iterable[int] = ()) -> tuple[dict[int, Element], list[float]]:
+    """Descend (Adam) on ``objective(view)`` over the group elements of the chosen spaces.
+
+    ``objective`` maps a :class:`GroupView` (``view.terms``: the weights touching the chosen spaces)
+    to a scalar tensor. ``spaces`` / ``groups``: as :func:`select_spaces`. ``start``: elements to start
+    from ({space id: element}; the search is over ``M(p) M_start``); ``orthogonal``: GL spaces to
+    search over O(n) only. Returns ``(elements, history)``
+    like :func:`minimize_l1` (``gm`` itself is not changed; the best iterate is returned)."""
+    report = report if report is not None else analyze(gm)
+    ids_sorted = select_spaces(report, spaces, groups)
+    param = Parameterisation(report, ids_sorted, orthogonal_map, start, orthogonal)
     terms = _terms(gm, report, set(ids_sorted))
     if not ids_sorted or not terms:
-        return {}, [float(sum(t.weight.abs().sum() for t in terms))]
+        with torch.no_grad():
+            value = objective(GroupView(report, terms, param.space_elements()))
+        return {}, [float(value)]
 
-    def objective() -> torch.Tensor:
-        space_el = param.space_elements()
-        total = torch.zeros((), dtype=torch.float64)
-        for t in terms:
-            total = total + _transform(t, _site(report, space_el, t.x), _site(report, space_el, t.y)).abs().sum()
-        return total
+    def value() -> torch.Tensor:
+        return objective(GroupView(report, terms, param.space_elements()))
 
     # The matrices here are small (C <= a few hundred): one thread is faster than OpenMP's fork/join,
     # by orders of magnitude on a busy machine (measured: 64x64 matmul 40 ms on 2 threads, 10 us on 1).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _descend(param, objective, steps, lr)
+        return _descend(param, value, steps, lr)
     finally:
         torch.set_num_threads(threads)
 
 
-def _descend(param: _Parameterisation, objective, steps: int, lr: float) -> tuple[dict[int, Element], list[float]]:
+def minimize_l1(gm: fx.GraphModule, spaces: Iterable[int] | None = None, steps: int = 200, lr: float = 0.02,
+                report: SymmetryReport | None = None, orthogonal_map: str = "cayley",
+                groups: Iterable[Group | str] | None = None) -> tuple[dict[int, Element], list[float]]:
+    """Descend on L(g) = sum |W'(g)|_1 over the weights touching the chosen spaces.
+
+    ``spaces``: space ids (default: every non-derived space whose group has a continuous part,
+    optionally filtered by ``groups``, e.g. ``groups=("monomial", "positive-monomial")`` for scalings
+    only). Returns ``(elements, history)``: elements ``{space id: element}`` for
+    :func:`~qlfx.symmetry.action.apply_elements` (``gm`` itself is not changed), and the objective at
+    every step (``history[0]`` at the identity, ``history[-1]`` at the returned elements). The best
+    iterate is returned, so ``history[-1] <= history[0]``.
+    """
+    def l1(view: GroupView) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float64)
+        for t in view.terms:
+            total = total + view.weight(t).abs().sum()
+        return total
+
+    return minimize(gm, l1, spaces, steps, lr, report, orthogonal_map, groups)
+
+
+def _descend(param: Parameterisation, objective, steps: int, lr: float) -> tuple[dict[int, Element], list[float]]:
     optimizer = torch.optim.Adam(list(param.params.values()), lr=lr)
     history: list[float] = []
     best_value, best_state = float("inf"), None
