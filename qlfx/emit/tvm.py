@@ -16,8 +16,12 @@
    conv2d and a multiply (stated in the site's KernelRecord). ``hardball`` / ``softball`` become Relax
    ops: x * r / max(|x|, r) and x * rsqrt(1 + |x|^2 / r^2), |x| over dim 1, r = radius or sqrt(C).
 3. The rest goes through Relax's default pipeline for the target (legalize, fuse, and for cuda the
-   dlight default GPU schedules). Optionally (``tune_other_ops``) the remaining TIR tasks are tuned
-   with MetaSchedule against the same database, skipping tasks the database already has.
+   dlight default GPU schedules; for llvm qlfx's designed CPU schedules, qlfx.kernels.cpu_schedules:
+   TVM 0.27 has none for x86). Optionally (``tune_other_ops``) the remaining TIR tasks are tuned
+   with MetaSchedule against the same database (qlfx.kernels.module_tuning: FLOPs-weighted budget,
+   xgb cost model, the default schedule as the record to beat), skipping tasks the database has.
+   Tuning records apply to every static-shape llvm build, tuned or not: the user's database first,
+   then the records kept with qlfx (qlfx/tuning_records/<target key>), each for this target only.
 4. ``TVMModule`` runs on numpy / torch inputs; ``.export(path)`` writes ``path.so`` + ``path.json``
    that :func:`qlfx.emit.tvm_runtime.load` runs without torch. With a symbolic batch the module takes
    any batch size (the fused kernels have a symbolic batch too; they are tuned at the example's).
@@ -149,8 +153,9 @@ class _Lowering:
     kernels of qlfx.kernels (each distinct shape scheduled and tuned once) or the Relax fallback."""
 
     def __init__(self, gm: fx.GraphModule, ep: torch.export.ExportedProgram, target, trials: int,
-                 database_dir: Path, progress: bool, use_kernels: bool, tuning_batch: int):
+                 database_dir: Path, progress: bool, use_kernels: bool, tuning_batch: int, rpc=None):
         self.gm = gm
+        self.rpc = rpc  # qlfx.kernels.rpc.RPCSettings: measure candidates on the tracker's servers
         self.target = target
         self.trials = int(trials)
         self.database_dir = database_dir
@@ -224,17 +229,22 @@ class _Lowering:
         from ..kernels import schedule_branch_product, tune_branch_product
 
         record = KernelRecord("", spec.kind, spec.name())
-        if self.trials > 0 and self.target.kind.name == "llvm":
+        kept = self._kept_record(spec)
+        if kept is not None:  # tuned before, here or (records kept with qlfx) on a machine like this
+            func = kept.primfunc if spec.batch is not None else schedule_branch_product(spec, self.target, kept.knobs)[0]
+            record.best_us, record.from_database = kept.best_seconds * 1e6, True
+            record.note = f"record from {kept.database_path}"
+            if self.progress:
+                _say(f"[qlfx.tvm] kernel {spec.name()}: from {kept.database_path}, best "
+                     f"{kept.best_gflops:.1f} GFLOP/s")
+        elif self.trials > 0 and (self.target.kind.name == "llvm" or self.rpc is not None):
             # A symbolic batch is tuned at the example's batch size: the knobs do not depend on it.
             static = spec if spec.batch is not None else spec.with_batch(self.tuning_batch)
+            from ..kernels.rpc import TrialProgress
 
-            def report(done: int, total: int, best_gflops: float) -> None:
-                if self.progress:
-                    what = "from the database" if total == 0 else f"trials {done}/{total}"
-                    _say(f"[qlfx.tvm] kernel {static.name()}: {what}, best {best_gflops:.1f} GFLOP/s")
-
+            report = TrialProgress(f"[qlfx.tvm] kernel {static.name()}") if self.progress else None
             tuned = tune_branch_product(static, self.target, self.trials, str(self.database_dir / "branch-product"),
-                                        report)
+                                        report, **(self.rpc.builder_runner() if self.rpc is not None else {}))
             func = tuned.primfunc if static is spec else schedule_branch_product(spec, self.target, tuned.knobs)[0]
             record.trials_run, record.best_us = tuned.trials_run, tuned.best_seconds * 1e6
             record.from_database = tuned.trials_run == 0
@@ -248,6 +258,18 @@ class _Lowering:
         func = func.with_attr("op_pattern", 8)
         self.by_spec[spec] = (importer.block_builder.add_func(func, spec.name()), record)
         return self.by_spec[spec]
+
+    def _kept_record(self, spec):
+        """A tuned record for ``spec`` (at the tuning batch when symbolic) on this target: the user's
+        database first, then the records kept with qlfx; None when neither has one."""
+        if self.target.kind.name != "llvm":
+            return None
+        from ..kernels.module_tuning import packaged_folder
+        from ..kernels.tuning import lookup_branch_product
+
+        static = spec if spec.batch is not None else spec.with_batch(self.tuning_batch)
+        paths = [str(self.database_dir / "branch-product"), str(packaged_folder(self.target) / "branch-product")]
+        return lookup_branch_product(static, self.target, paths)
 
 
 def _stored_tensors(ep: torch.export.ExportedProgram) -> dict[str, torch.Tensor]:
@@ -315,68 +337,28 @@ def _default_database() -> Path:
 
 
 # ---------------------------------------------------------------------------- other-op tuning
-@dataclass
-class TuningSummary:
-    tasks_total: int = 0
-    tasks_from_database: int = 0
-    tasks_tuned: int = 0
-    trials_run: int = 0
-    seconds: float = 0.0
+def tune_module_tasks(mod, target, trials_per_task: int, database_dir: Path, progress: bool,
+                      builder_runner: dict | None = None):
+    """MetaSchedule-tune every unscheduled TIR task of ``mod`` that neither the database in
+    ``database_dir`` nor the records kept with qlfx (qlfx/tuning_records/<target key>) hold, for this
+    very target. Each task's designed default schedule is measured first and recorded as the one to
+    beat; trials go to tasks by FLOPs. Returns a ``qlfx.kernels.module_tuning.ModuleTuning`` (per-task
+    rows in ``.rows``). See :mod:`qlfx.kernels.module_tuning`."""
+    from ..kernels import module_tuning
 
-
-def _database(database_dir: Path):
-    from tvm.s_tir import meta_schedule as ms
-
-    database_dir.mkdir(parents=True, exist_ok=True)
-    return ms.database.JSONDatabase(
-        path_workload=str(database_dir / "database_workload.json"),
-        path_tuning_record=str(database_dir / "database_tuning_record.json"),
-        module_equality="structural",
-    )
-
-
-def tune_module_tasks(mod, target, trials_per_task: int, database_dir: Path, progress: bool) -> TuningSummary:
-    """MetaSchedule-tune every unscheduled TIR task of ``mod`` the database has no record for.
-
-    Tasks already in the database (same structure, same target) are not tuned again.
-    """
-    from tvm.s_tir import meta_schedule as ms
-
-    summary = TuningSummary()
-    start = time.perf_counter()
-    database = _database(database_dir)
-    tasks = [t for t in ms.relax_integration.extract_tasks(mod, target) if not _is_scheduled_task(t)]
-    summary.tasks_total = len(tasks)
-    todo = []
-    for task in tasks:
-        if database.query_tuning_record(task.dispatched[0], target, "main") is not None:
-            summary.tasks_from_database += 1
-        else:
-            todo.append(task)
-    if progress:
-        _say(f"[qlfx.tvm] other ops: {len(tasks)} tasks, {summary.tasks_from_database} from the database, "
-             f"{len(todo)} to tune x {trials_per_task} trials")
-    if todo and trials_per_task > 0:
-        import logging
-
-        # MetaSchedule prints every task table to stdout at INFO; keep its console quiet (its log files in
-        # <database>/logs keep everything) unless the caller configured that logger.
-        ms_logger = logging.getLogger("tvm.s_tir.meta_schedule")
-        if ms_logger.level == logging.NOTSET:
-            ms_logger.setLevel(logging.WARNING)
-        work_dir = str(database_dir / "logs")
-        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir, seed=0)
-        ms.tune_tasks(tasks=contexts, task_weights=weights, work_dir=work_dir,
-                      max_trials_global=trials_per_task * len(contexts), max_trials_per_task=trials_per_task,
-                      num_trials_per_iter=min(64, trials_per_task), database=database,
-                      cost_model=_cost_model(), **_builder_runner())
-        summary.tasks_tuned = len(contexts)
-        summary.trials_run = trials_per_task * len(contexts)
-    summary.seconds = time.perf_counter() - start
-    if progress and todo:
-        _say(f"[qlfx.tvm] other ops: tuned {summary.tasks_tuned} tasks in {summary.seconds:.0f}s "
-             f"(logs in {database_dir / 'logs'})")
+    summary = module_tuning.tune_tasks(mod, target, trials_per_task, Path(database_dir), is_scheduled=_is_scheduled_task,
+                                       say=_say if progress else None, **(builder_runner or _builder_runner()))
+    if progress and summary.tasks_tuned:
+        _say(f"[qlfx.tvm] other ops: tuned {summary.tasks_tuned} tasks, {summary.trials_run} trials, in "
+             f"{summary.seconds:.0f}s (logs in {Path(database_dir) / 'logs'})")
     return summary
+
+
+def _applied_database(database_dir: Path, target):
+    """What the build applies: the user's records over the packaged ones, for this target only."""
+    from ..kernels.module_tuning import layered_database
+
+    return layered_database(Path(database_dir), target)
 
 
 def _is_scheduled_task(task) -> bool:
@@ -400,16 +382,6 @@ def _builder_runner() -> dict:
         return {}
 
 
-def _cost_model() -> str:
-    """MetaSchedule's default "xgb" cost model needs xgboost; fall back to random search without it."""
-    try:
-        import xgboost  # noqa: F401
-
-        return "xgb"
-    except ImportError:
-        return "random"
-
-
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -421,7 +393,7 @@ class TVMModule:
     for a symbolic size (any batch size, for a graph captured with ``dynamic_batch``).
 
     Attributes: ``target`` (tvm Target), ``executable`` (relax VM executable), ``kernels`` (a
-    KernelRecord per fused site), ``tuning`` (TuningSummary of the other ops or None), ``notes``,
+    KernelRecord per fused site), ``tuning`` (ModuleTuning of the other ops, with a row per task, or None), ``notes``,
     ``build_seconds``, ``relax_module`` (the IRModule before the Relax pipeline), ``inputs``/``outputs``.
     """
 
@@ -522,6 +494,7 @@ def build_tvm(
     tune_other_ops: bool = False,
     other_ops_trials: int | None = None,
     use_kernels: bool = True,
+    rpc: Any = None,
 ) -> TVMModule:
     """Compile the qlfx graph ``gm`` for ``target`` ("llvm", "cuda", a dict or a tvm Target).
 
@@ -530,7 +503,8 @@ def build_tvm(
     shapes it already holds are not tuned again. ``tune_other_ops``: also tune the remaining TIR tasks
     (``other_ops_trials`` per task, default ``tune_trials``) with the same database (static shapes
     only: skipped, with a note, for a graph with a symbolic batch). ``use_kernels=False``: no qlfx
-    kernels, branch products as Relax ops.
+    kernels, branch products as Relax ops. ``rpc``: a :class:`qlfx.kernels.rpc.RPCSettings`, to measure
+    every tuning trial on the servers of a TVM RPC tracker (candidates are built here).
     """
     import tvm
     from tvm import relax
@@ -539,7 +513,8 @@ def build_tvm(
     tgt = make_target(target)
     database_dir = Path(tuning_db) if tuning_db is not None else _default_database()
     mod, lowering, interface = to_relax(gm, example_inputs, dict(
-        target=tgt, trials=tune_trials, database_dir=database_dir, progress=progress, use_kernels=use_kernels))
+        target=tgt, trials=tune_trials, database_dir=database_dir, progress=progress, use_kernels=use_kernels,
+        rpc=rpc))
     relax_module = mod
     notes = []
     is_gpu = tgt.kind.name == "cuda"
@@ -554,9 +529,12 @@ def build_tvm(
     if tune_other_ops and dynamic:
         notes.append("tune_other_ops skipped: MetaSchedule tunes static shapes, this graph has a symbolic batch")
     elif tune_other_ops and other_trials > 0:
-        tuning = tune_module_tasks(mod, tgt, other_trials, database_dir / "other-ops", progress)
-    if tune_other_ops and not dynamic:
-        with tgt, _database(database_dir / "other-ops"):
+        tuning = tune_module_tasks(mod, tgt, other_trials, database_dir / "other-ops", progress,
+                                   rpc.builder_runner() if rpc is not None else None)
+    if not dynamic and (tgt.kind.name == "llvm" or tune_other_ops):
+        # records of earlier tuning (and the ones kept with qlfx) replace the default schedules even
+        # when this build tunes nothing: a machine like the one that tuned gets the tuned module
+        with tgt, _applied_database(database_dir / "other-ops", tgt):
             mod = relax.transform.MetaScheduleApplyDatabase()(mod)
     with tgt:
         if is_gpu:
@@ -564,6 +542,12 @@ def build_tvm(
 
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
                                           dl.gpu.GeneralReduction(), dl.gpu.Fallback())(mod)
+        else:
+            # every task the database has no record for gets qlfx's designed CPU schedule (TVM 0.27 has
+            # no x86 schedules of its own: unscheduled, qlnet50 took 1.4 s per image)
+            from ..kernels.cpu_schedules import apply_default_schedules
+
+            mod = apply_default_schedules(mod, tgt)
         mod = tvm.transform.Sequential(pipeline.dataflow_lower_passes(tgt) + pipeline.finalize_passes(tgt))(mod)
     with tvm_runtime.native_log_filter():
         executable = tvm.compile(mod, target=tgt, relax_pipeline=None)

@@ -436,8 +436,19 @@ def llvm_knob_choices(spec: BranchProductSpec) -> dict[str, list[int]]:
     }
 
 
-def default_llvm_knobs(spec: BranchProductSpec, max_registers: int = 30) -> LlvmKnobs:
-    """Untuned choice: the fullest register tile, preferring one channel vector and longer pixel runs."""
+def default_llvm_knobs(spec: BranchProductSpec, max_registers: int | None = None, target: Any = None) -> LlvmKnobs:
+    """Untuned choice: the fullest register tile, preferring one channel vector and longer pixel runs.
+
+    ``max_registers``: accumulators, in 16-lane units, the tile may use; default from ``target``'s
+    CPU: 30 with AVX-512 (32 zmm), 6 otherwise (AVX2: a unit is 2 of the 16 ymm; 12 of them for
+    accumulators; the AVX-512 tile of 28 units spills there and runs at half the speed).
+    """
+    if max_registers is None:
+        from .cpu_schedules import vector_lanes
+
+        lanes = 16 if target is None else vector_lanes(target if isinstance(target, tvm.target.Target)
+                                                       else tvm.target.Target(target))
+        max_registers = 30 if lanes >= 16 else 6
     choices = llvm_knob_choices(spec)
     operands = 2 if spec.kind == "pointwise" else 1
     tiles = [
@@ -621,7 +632,7 @@ def schedule_branch_product(spec: BranchProductSpec, target: Any, knobs: Any = N
     target = tvm.target.Target(target) if not isinstance(target, tvm.target.Target) else target
     sch = Schedule(branch_product_primfunc(spec))
     if target.kind.name == "llvm":
-        used = schedule_llvm(sch, spec, knobs or default_llvm_knobs(spec))
+        used = schedule_llvm(sch, spec, knobs or default_llvm_knobs(spec, target=target))
     elif target.kind.name == "cuda":
         used = schedule_cuda(sch, spec, knobs or CudaKnobs())
     else:

@@ -398,6 +398,22 @@ def _tune_context(spec: BranchProductSpec, target: tvm.target.Target, mod: tvm.I
     ).clone()
 
 
+def lookup_branch_product(spec: BranchProductSpec, target: Any, database_paths: list[str]) -> TunedKernel | None:
+    """The best record for ``spec`` on exactly ``target`` in the first of ``database_paths`` that has
+    one (nothing is created or written), or None."""
+    target = _as_target(target)
+    if spec.batch is None:  # records are of static shapes
+        return None
+    mod = _workload_module(spec)
+    for path in database_paths:
+        if not os.path.exists(os.path.join(path, RECORD_FILE)):
+            continue
+        found = _best_record(open_database(path), mod, target)
+        if found is not None:
+            return _tuned_from_record(spec, target, found[0], found[1], 0, path)
+    return None
+
+
 def tune_branch_product(
     spec: BranchProductSpec,
     target: Any = None,

@@ -207,6 +207,31 @@ def test_tuning_database_is_reused(tmp_path, monkeypatch):
     _close(second(x), expected)
 
 
+def test_packaged_records_are_used_for_their_target_only(tmp_path, monkeypatch):
+    """Records kept with qlfx (qlfx/tuning_records/<target key>, filled by a tuning run pointed there)
+    serve a build that tunes nothing, on the same target; a build for another CPU does not use them,
+    and looking them up writes nothing into the user's database folder."""
+    from qlfx.kernels import module_tuning
+
+    monkeypatch.setattr(module_tuning, "PACKAGED_RECORDS", tmp_path / "packaged")
+    x = torch.randn(1, 16, 8, 8)
+    model = _GatedConv().eval()
+    compiled = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,))
+    target = emit_tvm.make_target("llvm")
+    compiled.to_tvm("llvm", tune_trials=2, tuning_db=module_tuning.packaged_folder(target), progress=False)
+    module = compiled.to_tvm("llvm", tune_trials=0, tuning_db=tmp_path / "user", progress=False)
+    (record,) = module.kernels
+    assert record.from_database and record.trials_run == 0 and "packaged" in record.note, record
+    assert not (tmp_path / "user").exists()
+    other = compiled.to_tvm({"kind": "llvm", "mcpu": "x86-64", "num-cores": 2}, tune_trials=0,
+                            tuning_db=tmp_path / "user", progress=False)
+    assert not other.kernels[0].from_database and other.kernels[0].note == "hand schedule"
+    with torch.no_grad():
+        expected = model(x)
+    _close(module(x), expected)
+    _close(other(x), expected)
+
+
 def test_tuned_kernel_serves_a_dynamic_batch(tmp_path):
     """A symbolic-batch site is tuned at the example's batch size; the tuned knobs schedule the kernel
     that takes any batch size, and the database entry is the example batch's."""
@@ -231,6 +256,8 @@ def test_tune_other_ops_reuses_its_database(tmp_path):
     compiled = qlfx.compile(_GatedConv().eval(), "", example_inputs=(x,))
     first = compiled.to_tvm("llvm", tune_trials=1, tuning_db=tmp_path, tune_other_ops=True, progress=False)
     assert first.tuning.tasks_total > 0 and first.tuning.tasks_tuned == first.tuning.tasks_total
+    # every task was measured with qlfx's default schedule first: the record tuning has to beat
+    assert all(r.baseline_us is not None and r.best_us <= r.baseline_us for r in first.tuning.rows), first.tuning.rows
     second = compiled.to_tvm("llvm", tune_trials=1, tuning_db=tmp_path, tune_other_ops=True, progress=False)
     assert second.tuning.tasks_tuned == 0 and second.tuning.tasks_from_database == first.tuning.tasks_total
     with torch.no_grad():
