@@ -11,7 +11,7 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "compile": "api", "Compiled": "api", "DEFAULT_PIPELINE": "api",
+    "compile": "api", "tune": "api", "Compiled": "api", "DEFAULT_PIPELINE": "api",
     "trace": "capture:capture", "to_exported_program": "capture",
     "list_passes": "pass_manager", "get_pass": "pass_manager", "register_pass": "pass_manager",
     "Pass": "pass_manager", "PassResult": "pass_manager", "PassContext": "pass_manager",
@@ -40,3 +40,22 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(list(globals()) + __all__ + list(_SUBPACKAGES))
+
+
+def _register_dynamo_backend() -> None:
+    """``torch.compile(m, backend="qlfx")`` after ``import qlfx``, when dynamo is loaded already: qlfx's
+    own import stays light (no torch: qlfx.emit.tvm_runtime runs without it; no dynamo: seconds to
+    import). The ``torch_dynamo_backends`` entry point in pyproject.toml covers every other case
+    (torch's backend lookup loads qlfx.dynamo from it)."""
+    import sys
+
+    if "torch._dynamo" in sys.modules:
+        try:
+            import_module("qlfx.dynamo")
+        except Exception as error:  # noqa: BLE001 -- the rest of qlfx works without the backend
+            import warnings
+
+            warnings.warn(f"qlfx: torch.compile backend 'qlfx' not registered: {type(error).__name__}: {error}")
+
+
+_register_dynamo_backend()

@@ -17,7 +17,7 @@ from .errors import QlfxError, UsageError
 from .pass_manager import Pass, PassContext, PassManager, Report, parse_pipeline
 from .verify import Tolerance
 
-__all__ = ["compile", "Compiled", "DEFAULT_PIPELINE", "prepare", "Session"]
+__all__ = ["compile", "tune", "Compiled", "DEFAULT_PIPELINE", "prepare", "Session"]
 
 
 class Compiled:
@@ -56,6 +56,26 @@ class Compiled:
         from .emit.tvm import build_tvm
 
         return build_tvm(self.graph_module, self.example_inputs, target=target, **kwargs)
+
+    def tune(self, trials: int = 16, database=None, target="llvm", rpc_tracker: str | None = None,
+             rpc_key: str | None = None, tune_other_ops: bool = False, progress: bool = True, **kwargs):
+        """A tuned TVM module: MetaSchedule ``trials`` per fused kernel (and per other task with
+        ``tune_other_ops``) against the persistent database folder ``database``. With ``rpc_tracker``
+        ("HOST:PORT") and ``rpc_key`` every trial is measured on the servers of that TVM RPC tracker
+        (see :mod:`qlfx.kernels.rpc`); the tracker is checked first (unreachable, or no server with
+        the key: a UsageError saying what to start)."""
+        if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+            raise UsageError(f"trials must be an integer >= 1, got {trials!r}")
+        if rpc_key is not None and rpc_tracker is None:
+            raise UsageError("rpc_key names servers of an RPC tracker: give rpc_tracker='HOST:PORT' too")
+        rpc = None
+        if rpc_tracker is not None:
+            from .kernels.rpc import RPCSettings
+
+            rpc = RPCSettings.parse(rpc_tracker, rpc_key)
+            rpc.check()
+        return self.to_tvm(target, tune_trials=trials, tuning_db=database, tune_other_ops=tune_other_ops,
+                           progress=progress, rpc=rpc, **kwargs)
 
     def __repr__(self) -> str:
         return f"Compiled(passes={self.passes!r})"
@@ -247,3 +267,21 @@ def compile(
     report = session.check_trace(manager)
     gm, report = manager.run(session.graph, session.context, report)
     return Compiled(gm, report, manager.executed, session.context)
+
+
+def tune(model: nn.Module, example_inputs=None, passes=DEFAULT_PIPELINE, trials: int = 16, database=None,
+         target="llvm", rpc_tracker: str | None = None, rpc_key: str | None = None, tune_other_ops: bool = False,
+         progress: bool = True, **compile_options):
+    """:func:`compile` then :meth:`Compiled.tune`: the model's tuned TVM module (see there for the
+    tuning and RPC arguments; ``compile_options`` go to :func:`compile`)."""
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:  # before any work
+        raise UsageError(f"trials must be an integer >= 1, got {trials!r}")
+    if rpc_key is not None and rpc_tracker is None:
+        raise UsageError("rpc_key names servers of an RPC tracker: give rpc_tracker='HOST:PORT' too")
+    if rpc_tracker is not None:  # an unreachable tracker fails before the compile, not after it
+        from .kernels.rpc import RPCSettings
+
+        RPCSettings.parse(rpc_tracker, rpc_key).check()
+    compiled = compile(model, passes=passes, example_inputs=example_inputs, **compile_options)
+    return compiled.tune(trials=trials, database=database, target=target, rpc_tracker=rpc_tracker, rpc_key=rpc_key,
+                         tune_other_ops=tune_other_ops, progress=progress)

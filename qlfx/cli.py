@@ -30,6 +30,8 @@ debugging (LLVM opt / Polygraphy style):
   qlfx diff D/000_input.py D/001_fold-bn.py   nodes added / removed / changed, code diff
   qlfx run MODEL --report r.html (or .md)     per pass: contract, changed nodes, errors, params, MACs, time, picture
   qlfx run MODEL --emit onnx -o m.onnx && qlfx compare MODEL m.onnx    per-output errors, smallest passing tol
+  qlfx compare MODEL m.onnx m.so --mark all   several artifacts, one table; per layer: first diverging value
+  qlfx bench MODEL --batch 1,8 --threads 2    median / p90 latency, samples/s: torch, onnxruntime, TVM
   qlfx run MODEL --passes fuse-product --auto-prereqs   first run what each pass needs (fold-bn), see `qlfx passes`
 
 MODEL is a zoo name (qlnet50, qlnet-eq3, qlnet-tiny, ... see `qlfx models`), path/to/file.py:factory or
@@ -123,18 +125,60 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--nodes-only", action="store_true", help="only the lists of changed nodes")
 
     cmp = sub.add_parser(
-        "compare", help="run MODEL and an .onnx / TVM .so artifact on the same inputs, per-output errors",
-        description="Run MODEL (torch) and ARTIFACT (.onnx through onnxruntime, or a TVM .so from "
-                    "`qlfx run --emit tvm`) on the same seeded random inputs; print per-output max abs / rel "
-                    "error and the smallest relative tolerance that would pass. Exit 1 when an output fails "
-                    "--tolerance.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        "compare", help="run MODEL and .onnx / TVM artifacts (and a pipeline's graph) on the same inputs: errors",
+        description="Run MODEL (torch) and every ARTIFACT (.onnx through onnxruntime, a TVM .so / .tar from "
+                    "`qlfx run --emit tvm`) on the same inputs (seeded random, or --inputs FILE); one table, a row "
+                    "per artifact and output: err/max|ref| beside the allowed tolerance, max abs error, elementwise "
+                    "relative error, the correlation of the outputs, and the verdict (PASS, FAIL, or 'probably a "
+                    "different model' when the error is of the order of the outputs, err/max|ref| >= 0.5, or the "
+                    "correlation is below 0.2). The artifacts' inputs are checked against the model's (count, "
+                    "shapes, dtypes) before anything runs. Exit 1 when any output fails --tolerance.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(cmp)
-    cmp.add_argument("artifact", metavar="ARTIFACT", help="model.onnx or model.so")
+    cmp.add_argument("artifacts", nargs="+", metavar="ARTIFACT", help="model.onnx, model.so or model.tar (several: one table)")
     cmp.add_argument("--tolerance", type=float, default=1e-4, metavar="REL",
                      help="relative tolerance: max|new-ref| <= REL * max|ref| (default 1e-4)")
-    cmp.add_argument("--inputs", type=int, default=3, metavar="N", help="number of random input sets (default 3)")
-    cmp.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default 0)")
+    cmp.add_argument("--inputs", metavar="FILE.npz|FILE.npy|DIR",
+                     help="inputs from a file instead of random ones: .npy (one input), .npz (one array per input, "
+                          "by input name or in order: arr_0, arr_1), or a folder of images preprocessed as for "
+                          "ImageNet: RGB, shorter side resized to max(H,W)*256/224, center crop to the input's HxW, "
+                          "/255, mean (0.485,0.456,0.406), std (0.229,0.224,0.225). An array of K*N samples (N the "
+                          "input's batch) is K input sets. (An integer, the old spelling, means --random-inputs N)")
+    cmp.add_argument("--random-inputs", type=int, metavar="N", help="number of seeded random input sets (default 3)")
+    cmp.add_argument("--seed", type=int, metavar="S", help="seed of the random inputs (default 0)")
+    cmp.add_argument("--passes", metavar="PIPELINE",
+                     help="also compare MODEL compiled with this pipeline (the qlfx graph, run in torch); with "
+                          "--mark all it is the pipeline the ONNX artifacts were built with (default: the default pipeline)")
+    cmp.add_argument("--mark", choices=("all",),
+                     help="per layer: every intermediate value an .onnx ARTIFACT (or the --passes graph) keeps is "
+                          "compared with the model value it came from, on the first input set; the first diverging "
+                          "one is named with its node, module path and source line (TVM artifacts: outputs only)")
     cmp.add_argument("--verbose", action="store_true", help="show TVM's own logging while loading a TVM ARTIFACT")
+
+    bench = sub.add_parser(
+        "bench", help="latency (median, p90) and throughput of torch eager, onnxruntime and TVM on the same inputs",
+        description="Measure MODEL under torch eager, onnxruntime and TVM (MODEL is compiled with --passes, the "
+                    "default pipeline unless given, and emitted to a temporary folder; TVM untuned), or ARTIFACT "
+                    "under its own engine (.onnx: onnxruntime, .so / .tar: tvm), on the same seeded random input, "
+                    "per batch size. Method: engines run in blocks of consecutive runs, the blocks of all engines "
+                    "alternate, a warm-up run first; median and 90th percentile over all runs, throughput = batch / "
+                    "median; onnxruntime's thread pools do not spin (session.intra_op.allow_spinning=0). "
+                    "Timings on a machine shared with other work are noisy.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    bench.add_argument("model", metavar="MODEL|ARTIFACT",
+                       help="zoo name, path/file.py:factory, pkg.module:factory, or an .onnx / .so / .tar file")
+    bench.add_argument("--input-shape", metavar="N,C,H,W",
+                       help="input shape (default: the zoo model's, or the artifact's); its batch is replaced by --batch")
+    bench.add_argument("--batch", default="1", metavar="B[,B...]", help="batch sizes to measure (default 1)")
+    bench.add_argument("--threads", type=int, metavar="N",
+                       help="threads of every engine: torch, onnxruntime intra-op, TVM (default: the cores this "
+                            "process may use); stated in the output")
+    bench.add_argument("--engines", metavar="LIST", help="for a MODEL: any of torch,ort,tvm (default all three)")
+    bench.add_argument("--passes", metavar="PIPELINE", help="pipeline for the ort and tvm engines (default: the default pipeline)")
+    bench.add_argument("--seconds", type=float, default=5.0, metavar="S",
+                       help="measuring time per engine and batch, split over --blocks (default 5)")
+    bench.add_argument("--blocks", type=int, default=5, metavar="K", help="alternating blocks per engine (default 5)")
+    bench.add_argument("--seed", type=int, default=0, help="seed of the random input (default 0)")
 
     sym = sub.add_parser(
         "symmetry", help="trace MODEL, fold batchnorm, and print its channel spaces and symmetry groups",
@@ -143,6 +187,25 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(sym)
     sym.add_argument("--seed", type=int, default=0, help="seed of the example input (default 0)")
+
+    tune = sub.add_parser(
+        "tune", help="compile MODEL and tune its TVM module with MetaSchedule (locally or over an RPC tracker)",
+        description="Compile MODEL (verified passes), then tune its TVM kernels with MetaSchedule against a "
+                    "persistent database; with --rpc-tracker every trial is measured on the servers of a TVM "
+                    "RPC tracker (python -m tvm.exec.rpc_tracker / rpc_server --tracker HOST:PORT --key KEY).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_model_args(tune)
+    tune.add_argument("--passes", default=DEFAULT_PIPELINE, help=f"pipeline before tuning (default: {DEFAULT_PIPELINE})")
+    tune.add_argument("--trials", type=int, default=16, help="MetaSchedule trials per kernel shape (default 16)")
+    tune.add_argument("--tune-other-ops", action="store_true", help="also tune the TIR tasks of the other ops")
+    tune.add_argument("--tuning-db", metavar="DIR", help="persistent tuning database folder "
+                                                         "(default ~/.cache/qlfx/tvm-tuning)")
+    tune.add_argument("--rpc-tracker", metavar="HOST:PORT", help="measure on the servers of this TVM RPC tracker")
+    tune.add_argument("--rpc-key", metavar="KEY", help="the key the tracker's servers registered with (--key)")
+    tune.add_argument("--target", help="TVM target: llvm or cuda (default llvm)")
+    tune.add_argument("-o", "--output", metavar="PATH.so|PATH.tar", help="also write the tuned module here")
+    tune.add_argument("--seed", type=int, default=0, help="seed of the example input (default 0)")
+    tune.add_argument("--verbose", action="store_true", help="show TVM's own logging while tuning")
     return parser
 
 
@@ -416,24 +479,122 @@ def cmd_diff(args) -> int:
     return EXIT_OK
 
 
-def cmd_compare(args) -> int:
-    from .debug import compare_artifact
-    from .loading import load_model
-
+def _check_compare_flags(args) -> None:
+    """Refuse, before any work, compare flags that would be ignored. Fills in ``args.random_inputs``
+    (an integer --inputs is its old spelling)."""
     from .emit.tvm_runtime import LIBRARY_SUFFIXES
     from .errors import UsageError
 
-    if args.verbose and os.path.splitext(args.artifact)[1].lower() not in LIBRARY_SUFFIXES + (".json",):
+    suffixes = [os.path.splitext(a)[1].lower() for a in args.artifacts]
+    if args.inputs is not None and args.inputs.isdigit() and not os.path.exists(args.inputs):
+        if args.random_inputs is not None:
+            raise UsageError(f"--inputs {args.inputs} (the old spelling of --random-inputs) and --random-inputs: give one")
+        args.random_inputs, args.inputs = int(args.inputs), None
+    if args.inputs is not None:
+        for flag, given in (("--random-inputs", args.random_inputs is not None), ("--seed", args.seed is not None)):
+            if given:
+                raise UsageError(f"{flag} has no effect with --inputs {args.inputs} (the inputs come from the file)")
+    if args.random_inputs is not None and args.random_inputs < 1:
+        raise UsageError(f"--random-inputs must be >= 1, not {args.random_inputs}")
+    if args.verbose and not any(s in LIBRARY_SUFFIXES + (".json",) for s in suffixes):
         raise UsageError("--verbose has no effect without a TVM ARTIFACT (.so / .tar): it shows TVM's own logging")
+    if args.mark and args.passes is None and ".onnx" not in suffixes:
+        raise UsageError("--mark all compares per layer for .onnx artifacts and the --passes graph; with only TVM "
+                         "artifacts it has no effect (add the .onnx, or --passes PIPELINE)")
+
+
+def cmd_compare(args) -> int:
+    _check_compare_flags(args)  # imports nothing heavy: bad usage fails before torch is loaded
+
+    from .debug import compare_artifacts, format_comparisons, input_names
+    from .inputs import load_input_sets
+    from .loading import load_model
+    from .pass_manager import parse_pipeline
+
+    if args.passes is not None:
+        parse_pipeline(args.passes)  # an unknown pass: exit 2 before the model is loaded
     model = load_model(args.model)
+    seed = args.seed or 0
+    fit = args.inputs is not None and not args.input_shape and not _has_default_shape(args.model)
+    if fit:  # a model file without --input-shape: the file's arrays are the inputs as they are
+        import numpy as np
+        import torch
+
+        from .inputs import count_arrays, read_arrays
+
+        arrays = read_arrays(args.inputs, input_names(model, count_arrays(args.inputs)))
+        examples = tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+        examples = tuple(t.float() if t.is_floating_point() else t for t in examples)
+    else:
+        args.seed = seed
+        examples = _example_inputs(args)
+    sets = (load_input_sets(args.inputs, examples, input_names(model, len(examples)), fit_examples=fit)
+            if args.inputs is not None else None)
     with _tvm_logging(args.verbose):
-        result = compare_artifact(model, args.artifact, _example_inputs(args), tolerance=args.tolerance,
-                                  count=args.inputs, seed=args.seed)
-    print(result)
-    if not result.passed:
-        print(f"\nerror: '{args.artifact}' differs from the model beyond tolerance {args.tolerance:g}; "
-              f"it would pass with --tolerance {result.needed:.3g}", file=sys.stderr)
-        return EXIT_NOT_EQUIVALENT
+        results = compare_artifacts(model, args.artifacts, examples, tolerance=args.tolerance,
+                                    count=args.random_inputs or 3, seed=seed, input_sets=sets,
+                                    input_source=f"from {args.inputs}" if sets is not None else None,
+                                    passes=args.passes, mark_all=args.mark == "all")
+    print(format_comparisons(results))
+    failed = [r for r in results if not r.passed]
+    for r in failed:
+        if r.probably_different():
+            print(f"\nerror: '{r.artifact}' is probably a different model (or weights, or input layout): "
+                  + ("; ".join(r.problems) if r.problems else
+                     f"its error is of the order of the outputs themselves (err/max|ref| {r.needed:.3g}), not a "
+                     f"tolerance question"), file=sys.stderr)
+        else:
+            print(f"\nerror: '{r.artifact}' differs from the model beyond tolerance {args.tolerance:g}; "
+                  f"it would pass with --tolerance {r.needed:.3g}", file=sys.stderr)
+    return EXIT_NOT_EQUIVALENT if failed else EXIT_OK
+
+
+def _has_default_shape(model: str) -> bool:
+    from .loading import default_input_shape
+
+    return default_input_shape(model) is not None
+
+
+def cmd_bench(args) -> int:
+    from .bench import artifact_engine, parse_batches, parse_engines
+    from .errors import UsageError
+
+    batches = parse_batches(args.batch)  # usage first: no torch imported yet
+    engine = artifact_engine(args.model)
+    if engine is not None:
+        for flag, given in (("--engines", args.engines is not None), ("--passes", args.passes is not None)):
+            if given:
+                raise UsageError(f"{flag} has no effect for an artifact ('{args.model}' runs in its own engine, "
+                                 f"{'onnxruntime' if engine == 'ort' else 'tvm'}); give a MODEL to compare engines")
+        if not os.path.isfile(args.model):
+            raise UsageError(f"artifact '{args.model}' does not exist (write one with `qlfx run MODEL -o {args.model}`)")
+    engines = parse_engines(args.engines) if args.engines else ["torch", "ort", "tvm"]
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, not {args.threads}")
+    if args.seconds <= 0 or args.blocks < 1:
+        raise UsageError(f"--seconds must be > 0 and --blocks >= 1 (got {args.seconds:g}, {args.blocks})")
+    if args.passes is not None:
+        from .pass_manager import parse_pipeline
+
+        parse_pipeline(args.passes)
+    threads = args.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+    from .bench import bench, format_bench, log, set_threads
+    from .loading import default_input_shape, load_model, parse_shape
+
+    set_threads(threads)
+    shape = parse_shape(args.input_shape) if args.input_shape else None
+    model = None
+    if engine is None:
+        model = load_model(args.model)
+        shape = shape or default_input_shape(args.model)
+        if shape is None:
+            raise UsageError(f"--input-shape is required for '{args.model}' (e.g. --input-shape 1,3,224,224)")
+    results = bench(args.model, model=model, input_shape=shape, batches=batches, engines=engines, threads=threads,
+                    passes=args.passes, seconds=args.seconds, blocks=args.blocks, seed=args.seed, progress=log)
+    print(f"qlfx bench {args.model}: {threads} thread(s) per engine (torch, onnxruntime intra-op, TVM), onnxruntime "
+          f"spinning off; {args.blocks} alternating blocks of ~{args.seconds / args.blocks:.2g} s per engine and batch")
+    print(format_bench(results))
     return EXIT_OK
 
 
@@ -453,8 +614,49 @@ def cmd_symmetry(args) -> int:
     return EXIT_OK
 
 
+def cmd_tune(args) -> int:
+    from .errors import UsageError
+    from .io import check_writable
+
+    # bad usage fails before anything heavy is imported or loaded
+    if args.trials < 1:
+        raise UsageError(f"--trials must be >= 1, not {args.trials}")
+    if args.rpc_key is not None and args.rpc_tracker is None:
+        raise UsageError("--rpc-key has no effect without --rpc-tracker HOST:PORT")
+    if args.output and os.path.splitext(args.output)[1].lower() not in EMIT_EXTENSIONS["tvm"]:
+        raise UsageError(f"-o '{args.output}': a TVM module is written as .so or .tar")
+    for flag, path, folder in (("-o", args.output, False), ("--tuning-db", args.tuning_db, True)):
+        if path and check_writable(path, folder=folder) is not None and not folder:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    rpc = None
+    if args.rpc_tracker is not None:
+        from .kernels.rpc import RPCSettings
+
+        rpc = RPCSettings.parse(args.rpc_tracker, args.rpc_key)
+        servers = rpc.check()  # unreachable tracker / no server with the key: exit 2 with what to start
+        print(f"tracker {rpc.address}: {servers} server(s) with key '{rpc.key}'", file=sys.stderr)
+    from .api import compile as qlfx_compile
+    from .loading import load_model
+
+    compiled = qlfx_compile(load_model(args.model), passes=args.passes, example_inputs=_example_inputs(args),
+                            seed=args.seed)
+    print(compiled.report)
+    with _tvm_logging(args.verbose):
+        module = compiled.tune(trials=args.trials, database=args.tuning_db, target=args.target or "llvm",
+                               rpc_tracker=args.rpc_tracker, rpc_key=args.rpc_key,
+                               tune_other_ops=args.tune_other_ops)
+        path = module.export(args.output) if args.output else None
+    for record in module.kernels:
+        best = f"{record.best_us:.1f} us" if record.best_us is not None else "-"
+        source = "database" if record.from_database else f"{record.trials_run} trials"
+        print(f"kernel {record.node}: {record.kernel} ({source}, best {best}){' ' + record.note if record.note else ''}")
+    if path:
+        print(f"wrote {path}")
+    return EXIT_OK
+
+
 COMMANDS = {"passes": cmd_passes, "models": cmd_models, "run": cmd_run, "diff": cmd_diff,
-            "compare": cmd_compare, "symmetry": cmd_symmetry}
+            "compare": cmd_compare, "bench": cmd_bench, "symmetry": cmd_symmetry, "tune": cmd_tune}
 
 
 def _where_raised(error: BaseException) -> str:

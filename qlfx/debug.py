@@ -12,8 +12,12 @@ After LLVM ``opt`` (``-opt-bisect-limit``, ``-print-changed``) and Polygraphy (`
   site) finds the first bad site. Assumes, as LLVM does, that once broken a prefix of rewrites stays
   broken.
 - :func:`diff_stages` compares two dumped stages (``--dump-dir`` files) node by node.
-- :func:`compare_artifact` runs the model and an ``.onnx`` / TVM ``.so`` artifact on the same inputs and
-  gives per-output errors and the smallest tolerance that would pass.
+- :func:`compare_artifacts` runs the model and ``.onnx`` / TVM ``.so`` / ``.tar`` artifacts (and the qlfx
+  graph of a pipeline) on the same inputs (seeded random, or files: :mod:`qlfx.inputs`): per artifact and
+  output the errors, the smallest tolerance that would pass, the correlation and a verdict that tells a
+  tolerance question from another model; the inputs are paired (names, count, shapes) first. With
+  ``mark_all`` every intermediate value an ONNX artifact keeps is marked as an output, run in
+  onnxruntime and compared with the model value it came from; the first diverging one is named.
 - :class:`ReportCollector` (an instrument) + :func:`write_report`: HTML or Markdown, per pass the
   contract, changed nodes, errors, params, MACs, time, and the picture (inline SVG when Graphviz is there).
 """
@@ -302,45 +306,166 @@ def bisect(model, passes, example_inputs, *, tolerance: Tolerance | float | None
 
 
 # -------------------------------------------------------------------------------------- compare
+# "Probably different models": an error of the order of the outputs themselves, or outputs that do not
+# move together. A wrong tolerance gives errors of 1e-3 with correlation ~1; another model's weights give
+# err/max|ref| ~ 1 and correlation ~ 0.
+DIFFERENT_NEEDED = 0.5
+DIFFERENT_CORRELATION = 0.2
+
+
+@dataclass
+class TensorSpec:
+    """An input or output as an artifact declares it: ``shape`` entries are None where dynamic."""
+
+    name: str
+    shape: tuple | None
+    dtype: str | None
+
+    def __str__(self) -> str:
+        shape = "?" if self.shape is None else "[" + ", ".join("any" if d is None else str(d) for d in self.shape) + "]"
+        return f"{self.name}: {self.dtype or '?'}{shape}"
+
+    def accepts(self, t: torch.Tensor) -> bool:
+        if self.shape is not None and (len(self.shape) != t.dim()
+                                       or any(d is not None and d != s for d, s in zip(self.shape, t.shape))):
+            return False
+        return self.dtype is None or self.dtype == str(t.dtype).replace("torch.", "")
+
+
+@dataclass
+class Artifact:
+    """Something compiled that runs on numpy arrays: ``run(list[np.ndarray]) -> list[np.ndarray]``."""
+
+    path: str
+    engine: str
+    run: Any
+    inputs: list[TensorSpec] | None = None   # None: the artifact does not say
+    outputs: list[TensorSpec] | None = None
+    onnx_path: Path | None = None             # for per-layer comparison
+
+
+@dataclass
+class LayerComparison:
+    """Per-layer comparison of one artifact against the model's own values (first input set)."""
+
+    paired: int
+    kept: int              # intermediate values the artifact keeps (that could be paired)
+    model_values: int      # values the model's graph computes
+    divergence: Any = None  # the first paired value beyond the tolerance (a Divergence), or None
+    note: str = ""
+
+    def __str__(self) -> str:
+        text = (f"per layer: {self.paired} of the artifact's {self.kept} values paired with the model's "
+                f"{self.model_values} (the rest were rewritten away or made by passes)")
+        text += f"; first diverging value: {self.divergence}" if self.divergence else "; every paired value within tolerance"
+        return text + (f"\n    note: {self.note}" if self.note else "")
+
+
 @dataclass
 class ArtifactComparison:
     artifact: str
     engine: str
     outputs: list  # qlfx.verify.OutputComparison per output (worst over the input sets)
     inputs_checked: int
+    correlations: list = field(default_factory=list)  # per output, min over the input sets (nan: constant)
+    problems: list = field(default_factory=list)      # pairing problems: output count / shape mismatches
+    layers: LayerComparison | None = None
+    input_source: str = "random"
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
+        return not self.problems and all(o.passed for o in self.outputs)
 
     @property
     def needed(self) -> float:
         return max((o.needed for o in self.outputs), default=0.0)
 
+    def probably_different(self, index: int | None = None) -> bool:
+        """Errors of the order of the outputs themselves (err/max|ref| >= 0.5) or outputs that do not
+        correlate (< 0.2): not a tolerance question, another model (or weights, or input layout)."""
+        if self.problems:
+            return index is None
+        picked = self.outputs if index is None else [self.outputs[index]]
+        corrs = self.correlations if index is None else self.correlations[index:index + 1]
+        return any(o.needed >= DIFFERENT_NEEDED for o in picked) or \
+            any(c == c and c < DIFFERENT_CORRELATION for c in corrs)
+
+    def verdict(self, index: int) -> str:
+        o = self.outputs[index]
+        if o.passed:
+            return "PASS"
+        return "FAIL: probably a different model" if self.probably_different(index) else "FAIL"
+
+    def rows(self) -> list[list[str]]:
+        rows = []
+        for i, o in enumerate(self.outputs):
+            corr = self.correlations[i] if i < len(self.correlations) else float("nan")
+            rows.append([self.artifact, self.engine, str(o.index), "x".join(map(str, o.shape)) or "scalar",
+                         f"{o.needed:.2e}", f"{o.allowed:.0e}", f"{o.max_abs:.2e}", f"{o.max_rel:.2e}",
+                         "-" if corr != corr else f"{corr:.4f}", self.verdict(i)])
+        for p in self.problems:
+            rows.append([self.artifact, self.engine, "-", "-", "-", "-", "-", "-", "-", f"FAIL: {p}"])
+        return rows
+
     def __str__(self) -> str:
-        lines = [f"compare {self.artifact} ({self.engine}) against the model on {self.inputs_checked} input set(s):"]
-        for o in self.outputs:
-            lines.append(f"  {'PASS' if o.passed else 'FAIL'} {o}")
-        lines.append(f"smallest relative tolerance that passes every output: {self.needed:.3g}")
-        return "\n".join(lines)
+        return format_comparisons([self])
 
 
-def _artifact_runner(path: Path):
-    """(engine name, fn(list[np.ndarray]) -> list[np.ndarray])."""
+COMPARE_COLUMNS = ("artifact", "engine", "output", "shape") + ERROR_COLUMNS + ("correlation", "verdict")
+
+
+def format_comparisons(results: Sequence[ArtifactComparison]) -> str:
+    """One table, a row per artifact x output, then per-layer findings and the verdict lines."""
+    rows = [r for res in results for r in res.rows()]
+    widths = [max(len(str(r[i])) for r in rows + [list(COMPARE_COLUMNS)]) for i in range(len(COMPARE_COLUMNS))]
+    line = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    sets = {(res.inputs_checked, res.input_source) for res in results}
+    where = "; ".join(f"{n} input set(s) ({source})" for n, source in sorted(sets))
+    out = [f"compare against the model on {where}:", line(COMPARE_COLUMNS), line(["-" * w for w in widths])]
+    out += [line(r) for r in rows]
+    for res in results:
+        if res.layers is not None:
+            out.append(f"{res.artifact}: {res.layers}")
+    needed = max((r.needed for r in results if not r.problems), default=0.0)
+    out.append(f"smallest relative tolerance that passes every output: {needed:.3g}")
+    return "\n".join(out)
+
+
+def _ort_specs(args) -> list[TensorSpec]:
+    types = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(float16)": "float16",
+             "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(bool)": "bool"}
+    return [TensorSpec(a.name, tuple(d if isinstance(d, int) else None for d in a.shape) if a.shape is not None
+                       else None, types.get(a.type)) for a in args]
+
+
+def _ort_session(source, threads: int | None = None):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")  # see qlfx.bench: no spinning pools
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
+
+
+def open_artifact(path: str | Path) -> Artifact:
+    """Load an ``.onnx`` (onnxruntime) or TVM ``.so`` / ``.tar`` export (qlfx's runtime) to run it."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"artifact '{path}' does not exist (write one with `qlfx run MODEL --emit onnx -o {path}`)")
     suffix = path.suffix.lower()
     if suffix == ".onnx":
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401
         except ImportError as err:
             raise UsageError("comparing an .onnx file needs onnxruntime (pip install onnxruntime)") from err
         try:
-            opts = ort.SessionOptions()
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+            session = _ort_session(str(path))
         except Exception as err:
             raise UsageError(f"onnxruntime cannot load '{path}': {str(err).strip()[:300]}") from err
         names = [i.name for i in session.get_inputs()]
-        return "onnxruntime", lambda arrays: session.run(None, dict(zip(names, arrays)))
+        return Artifact(str(path), "onnxruntime", lambda arrays: session.run(None, dict(zip(names, arrays))),
+                        _ort_specs(session.get_inputs()), _ort_specs(session.get_outputs()), onnx_path=path)
     if suffix in (".so", ".tar", ".json"):
         try:
             from .emit.tvm_runtime import load
@@ -350,42 +475,297 @@ def _artifact_runner(path: Path):
             module = load(path)
         except Exception as err:
             raise UsageError(f"cannot load TVM module '{path}': {type(err).__name__}: {str(err).strip()[:300]}") from err
-        return "tvm", lambda arrays: module.run(*arrays)
-    raise UsageError(f"unknown artifact type '{path.suffix}' for '{path}': give an .onnx file or a TVM .so export")
+        inputs = [TensorSpec(i["name"], tuple(i["shape"]), i.get("dtype")) for i in module.inputs]
+        return Artifact(str(path), "tvm", lambda arrays: module.run(*arrays), inputs,
+                        [TensorSpec(f"output {k}", None, None) for k in range(module.num_outputs)])
+    raise UsageError(f"unknown artifact type '{path.suffix}' for '{path}': give an .onnx file or a TVM .so / .tar export")
 
 
-def compare_artifact(model, artifact: str | Path, example_inputs: Sequence[torch.Tensor], *,
-                     tolerance: Tolerance | float | None = None, count: int = 3, seed: int = 0) -> ArtifactComparison:
-    """Run ``model`` (torch) and ``artifact`` on ``count`` seeded random inputs shaped like
-    ``example_inputs``; per output: max abs / rel error and the smallest tolerance that passes
-    (:func:`qlfx.verify.compare_tensor`)."""
+def graph_artifact(gm: fx.GraphModule, name: str) -> Artifact:
+    """The compiled ATen graph as an artifact (run in torch)."""
     import numpy as np
 
-    path = Path(artifact)
-    if not path.is_file():
-        raise UsageError(f"artifact '{path}' does not exist (write one with `qlfx run MODEL --emit onnx -o {path}`)")
+    def run(arrays):
+        return [t.numpy() for t in run_outputs(gm, [torch.from_numpy(np.asarray(a)) for a in arrays])]
+
+    return Artifact(name, "torch (qlfx graph)", run)
+
+
+def input_names(model, count: int) -> list[str]:
+    """The model's input names: its forward's positional parameters (what the ONNX / TVM inputs are
+    named after), else input_0, input_1, ..."""
+    import inspect
+
+    try:
+        params = [p.name for p in inspect.signature(model.forward).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        params = []
+    return params[:count] if len(params) >= count else [f"input_{i}" for i in range(count)]
+
+
+def check_inputs_pairing(artifact: Artifact, examples: Sequence[torch.Tensor], names: Sequence[str]) -> None:
+    """Raise UsageError, listing every mismatch, when the artifact's inputs do not take the model's."""
+    if artifact.inputs is None:
+        return
+    model_side = ", ".join(f"{n}: {str(t.dtype).replace('torch.', '')}{list(t.shape)}" for n, t in zip(names, examples))
+    problems = []
+    if len(artifact.inputs) != len(examples):
+        problems.append(f"it takes {len(artifact.inputs)} input(s), the model {len(examples)}")
+    for spec, t in zip(artifact.inputs, examples):
+        if not spec.accepts(t):
+            problems.append(f"input {spec} does not take the model's {str(t.dtype).replace('torch.', '')}{list(t.shape)}")
+    if problems:
+        raise UsageError(f"'{artifact.path}' does not pair with the model: {'; '.join(problems)}.\n"
+                         f"  artifact inputs: {', '.join(map(str, artifact.inputs))}\n  model inputs:    {model_side}\n"
+                         f"  Give the input shape the artifact was built for (--input-shape), or the model it was built from.")
+
+
+def _correlation(ref: torch.Tensor, new: torch.Tensor) -> float:
+    a, b = ref.detach().double().flatten(), new.detach().double().flatten()
+    if a.shape != b.shape or a.numel() < 2:
+        return float("nan")
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom > 0 else float("nan")
+
+
+def compare_artifacts(model, artifacts: Sequence[str | Path | Artifact], example_inputs: Sequence[torch.Tensor], *,
+                      tolerance: Tolerance | float | None = None, count: int = 3, seed: int = 0,
+                      input_sets: Sequence[Sequence[torch.Tensor]] | None = None, input_source: str | None = None,
+                      passes=None, mark_all: bool = False) -> list[ArtifactComparison]:
+    """Run ``model`` (torch) and every artifact on the same inputs; per artifact and output: max abs /
+    rel error, the smallest tolerance that passes, the correlation of the outputs, and the verdict
+    (PASS, FAIL, or FAIL "probably a different model", see :meth:`ArtifactComparison.probably_different`).
+
+    ``input_sets`` (e.g. from :func:`qlfx.inputs.load_input_sets`) replaces the ``count`` seeded random
+    sets shaped like ``example_inputs``. ``passes`` (a pipeline): the model compiled with it is compared
+    too, as an artifact named ``qlfx graph``. ``mark_all``: every intermediate value an ONNX artifact or the
+    qlfx graph keeps is compared with the model's value it came from (first input set); the first one
+    beyond the tolerance is named (:class:`LayerComparison`). Every artifact is loaded and its inputs
+    checked against the model's before anything runs (a mismatch is a UsageError naming both sides)."""
+    import numpy as np
+
     if isinstance(tolerance, (int, float)):
         tolerance = Tolerance(rel=float(tolerance))
     tol = tolerance or Tolerance(rel=1e-4)
-    engine, run = _artifact_runner(path)
+    examples = capture.check_example_inputs(example_inputs)
+    names = input_names(model, len(examples))
     model = copy.deepcopy(model)  # a forward may write to its module; the user's stays as it was
-    worst: list = []
-    sets = random_inputs(capture.check_example_inputs(example_inputs), seed, count)
-    for inputs in sets:
-        refs = run_outputs(model, inputs)
-        try:
-            got = run([t.detach().cpu().numpy() for t in inputs])
-        except Exception as err:
-            shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
-            raise UsageError(f"{engine} failed on inputs of shape {shapes}: {str(err).strip()[:300]}\n"
-                             f"  Give the input shape the artifact was built for (--input-shape).") from err
-        if len(got) != len(refs):
-            raise UsageError(f"the model returns {len(refs)} output(s) but '{path}' returns {len(got)}")
-        if not worst:
-            worst = [None] * len(refs)
-        for i, (r, g) in enumerate(zip(refs, got)):
-            worst[i] = _merge(worst[i], compare_tensor(r, torch.from_numpy(np.asarray(g)), tol, i))
-    return ArtifactComparison(str(path), engine, worst, len(sets))
+    opened = [a if isinstance(a, Artifact) else open_artifact(a) for a in artifacts]
+    for artifact in opened:
+        check_inputs_pairing(artifact, examples, names)
+    sets = list(input_sets) if input_sets is not None else random_inputs(examples, seed, count)
+    source = input_source or ("file" if input_sets is not None else f"seeded random, seed {seed}")
+    compiled = traced = None
+    dynamic = any(a.inputs and a.inputs[0].shape and a.inputs[0].shape[0] is None for a in opened)
+    needs_graph = passes is not None or (mark_all and any(a.onnx_path is not None for a in opened))
+    if needs_graph:
+        from .api import compile as qlfx_compile
+        from .defaults import DEFAULT_PIPELINE
+
+        pipeline = passes if passes is not None else DEFAULT_PIPELINE
+        compiled = qlfx_compile(model, passes=pipeline, example_inputs=examples, verify=False, dynamic_batch=dynamic)
+        if passes is not None:
+            opened.append(graph_artifact(compiled.graph_module, "qlfx graph"))
+    refs_per_set = [run_outputs(model, inputs) for inputs in sets]
+    results = []
+    for artifact in opened:
+        worst: list = []
+        corrs: list = []
+        problems: list = []
+        for inputs, refs in zip(sets, refs_per_set):
+            arrays = [t.detach().cpu().numpy() for t in inputs]
+            try:
+                got = artifact.run(arrays)
+            except Exception as err:
+                shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+                raise UsageError(f"{artifact.engine} failed to run '{artifact.path}' on inputs of shape {shapes}: "
+                                 f"{str(err).strip()[:300]}\n  Give the input shape the artifact was built for "
+                                 f"(--input-shape).") from err
+            if len(got) != len(refs):
+                problems = [f"the model returns {len(refs)} output(s), '{artifact.path}' returns {len(got)}"]
+                break
+            if not worst:
+                worst, corrs = [None] * len(refs), [float("inf")] * len(refs)
+            for i, (r, g) in enumerate(zip(refs, got)):
+                g = torch.from_numpy(np.asarray(g))
+                if tuple(g.shape) != tuple(r.shape):
+                    problem = f"output {i} has shape {list(g.shape)}, the model's {list(r.shape)}"
+                    if problem not in problems:
+                        problems.append(problem)
+                worst[i] = _merge(worst[i], compare_tensor(r, g, tol, i))
+                c = _correlation(r, g)
+                corrs[i] = c if c != c or corrs[i] != corrs[i] else min(corrs[i], c)
+        result = ArtifactComparison(artifact.path, artifact.engine, [w for w in worst if w is not None],
+                                    len(sets), [c if c != float("inf") else float("nan") for c in corrs], problems,
+                                    input_source=source)
+        if mark_all and not problems:
+            if traced is None:
+                traced = capture.capture(model, examples, dynamic_batch=dynamic)
+            if artifact.onnx_path is not None:
+                result.layers = compare_onnx_layers(artifact.onnx_path, traced, compiled.graph_module, examples,
+                                                    sets[0], tol)
+            elif artifact.engine.startswith("torch"):
+                result.layers = compare_graph_layers(traced, compiled.graph_module, sets[0], tol)
+        results.append(result)
+    return results
+
+
+def compare_artifact(model, artifact: str | Path, example_inputs: Sequence[torch.Tensor], *,
+                     tolerance: Tolerance | float | None = None, count: int = 3, seed: int = 0,
+                     input_sets=None, mark_all: bool = False, passes=None) -> ArtifactComparison:
+    """:func:`compare_artifacts` for one artifact."""
+    return compare_artifacts(model, [artifact], example_inputs, tolerance=tolerance, count=count, seed=seed,
+                             input_sets=input_sets, mark_all=mark_all, passes=passes)[0]
+
+
+# ----------------------------------------------------------------------------- per-layer pairing
+def _model_values(traced: fx.GraphModule, inputs) -> tuple[dict[str, torch.Tensor], dict[str, fx.Node]]:
+    from .verify import record_values
+
+    values = record_values(traced, inputs)
+    nodes = {n.name: n for n in traced.graph.nodes if n.op == "call_function"}
+    # float values only: a comparison's boolean flips where rounding crosses its threshold, legitimately
+    return {k: v for k, v in values.items() if k in nodes and v.is_floating_point()}, nodes
+
+
+def _user_line(node: fx.Node) -> str:
+    """'file.py:12' of the innermost frame of the node's captured stack trace outside torch (the model's
+    own code: a BN module's value is made in torch's batchnorm.py, called from the model's line)."""
+    import os
+    import re
+
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+    own = [(f, line) for f, line in frames if not f.startswith(torch_dir)] or frames
+    return f"{os.path.basename(own[-1][0])}:{own[-1][1]}" if own else ""
+
+
+def _divergence(node: fx.Node | None, key: str, label: str, made_by: str, cmp) -> Divergence:
+    from .verify import Divergence
+
+    where = _user_line(node) if node is not None else ""
+    return Divergence(label, "call_function", ir.op_name(node) if node is not None else "?",
+                      made_by + (f", model node %{key}" if key != label else "") + (f", {where}" if where else ""),
+                      cmp.max_abs, cmp.needed, ir.module_path(node) if node is not None else "")
+
+
+def compare_graph_layers(traced: fx.GraphModule, compiled: fx.GraphModule, inputs, tol: Tolerance) -> LayerComparison:
+    """Every value of the compiled graph that carries a model value (:func:`qlfx.ir.value_key`) against it."""
+    from .verify import record_values
+
+    ref, nodes = _model_values(traced, inputs)
+    new = record_values(compiled, inputs)
+    paired = 0
+    first = None
+    kept = [n for n in compiled.graph.nodes if n.op == "call_function"]
+    for node in kept:
+        key = ir.value_key(node)
+        if key not in ref or node.name not in new or tuple(new[node.name].shape) != tuple(ref[key].shape):
+            continue
+        paired += 1
+        cmp = compare_tensor(ref[key], new[node.name], tol)
+        if first is None and not cmp.passed:
+            first = _divergence(nodes[key], key, node.name, node.meta.get(ir.ORIGIN, "?"), cmp)
+    return LayerComparison(paired, len(kept), len(ref), first)
+
+
+def _fx_node_of(onnx_node) -> str | None:
+    """The ``pkg.torch.onnx.fx_node`` metadata torch.onnx writes on every node: the fx node it converted,
+    as ``Node.format_node()`` prints it (its name, target and arguments)."""
+    for prop in onnx_node.metadata_props:
+        if prop.key == "pkg.torch.onnx.fx_node":
+            return prop.value
+    return None
+
+
+def onnx_value_keys(compiled: fx.GraphModule, example_inputs) -> dict[str, tuple[str, str, str]]:
+    """ONNX value name -> (model value key, qlfx node name, the fx node as torch.onnx records it) for the ONNX model qlfx emits from
+    ``compiled``: torch.onnx names every value after the fx node of the program it converts (the
+    re-exported graph after its own decompositions), and the re-export keeps each qlfx node's ``custom``
+    metadata, where the qlfx node and the model value it carries are recorded here first."""
+    from torch.onnx._internal.exporter import _core
+
+    from .emit.onnx import _registry
+
+    gm = copy.deepcopy(compiled)
+    for node in gm.graph.nodes:
+        if node.op == "call_function":
+            node.meta["custom"] = {**node.meta.get("custom", {}), "qlfx_value": ir.value_key(node), "qlfx_node": node.name}
+    program = _core._prepare_exported_program_for_export(capture.to_exported_program(gm, example_inputs),
+                                                         registry=_registry())
+    keys: dict[str, tuple[str, str, str]] = {}
+    by_value: dict[str, str] = {}
+    for node in program.graph.nodes:
+        custom = node.meta.get("custom") or {}
+        if node.op == "call_function" and "qlfx_value" in custom:
+            # a decomposed op: several nodes share its tag; the last one produces the value
+            previous = by_value.get(custom["qlfx_value"])
+            if previous is not None:
+                keys.pop(previous, None)
+            by_value[custom["qlfx_value"]] = node.name
+            keys[node.name] = (custom["qlfx_value"], custom["qlfx_node"], str(node.format_node()))
+    return keys
+
+
+def compare_onnx_layers(path: Path, traced: fx.GraphModule, compiled: fx.GraphModule, example_inputs, inputs,
+                        tol: Tolerance) -> LayerComparison:
+    """Mark every intermediate value of the ONNX model at ``path`` as an output (a copy in memory), run it
+    in onnxruntime on ``inputs``, and compare each value that pairs with a model value (through the qlfx
+    graph ``compiled`` the artifact was emitted from) with it, in the ONNX graph's order."""
+    import numpy as np
+    import onnx
+
+    model = onnx.load(str(path))
+    keys = onnx_value_keys(compiled, example_inputs)
+    types = {v.name: v.type for v in list(model.graph.value_info) + list(model.graph.output)}
+    if any(v not in types for n in model.graph.node for v in n.output):
+        inferred = onnx.shape_inference.infer_shapes(model)
+        types.update({v.name: v.type for v in inferred.graph.value_info})
+    ref, nodes = _model_values(traced, inputs)
+    outputs = {o.name for o in model.graph.output}
+    marked, mismatched, kept = [], 0, 0
+    for node in model.graph.node:
+        origin = _fx_node_of(node)
+        for value in node.output:
+            if not value or value in outputs or value not in types:
+                continue
+            kept += 1
+            if value not in keys:
+                continue
+            key, qlfx_node, fx_node = keys[value]
+            if origin is not None and origin != fx_node:  # same name, other op or operands: another graph
+                mismatched += 1
+                continue
+            if key in ref:
+                marked.append((value, key, qlfx_node, node.op_type))
+    proto_outputs = {o.name for o in model.graph.output}
+    for value, *_ in marked:
+        if value not in proto_outputs:
+            out = model.graph.output.add()
+            out.name = value
+            out.type.CopyFrom(types[value])
+    session = _ort_session(model.SerializeToString())
+    names = [i.name for i in session.get_inputs()]
+    wanted = [m[0] for m in marked]
+    got = dict(zip(wanted, session.run(wanted, dict(zip(names, [t.numpy() for t in inputs]))))) if wanted else {}
+    paired, first = 0, None
+    for value, key, qlfx_node, op_type in marked:
+        new = torch.from_numpy(np.asarray(got[value]))
+        if tuple(new.shape) != tuple(ref[key].shape):
+            continue
+        paired += 1
+        cmp = compare_tensor(ref[key], new, tol)
+        if first is None and not cmp.passed:
+            first = _divergence(nodes[key], key, value, f"qlfx node %{qlfx_node} as ONNX {op_type}", cmp)
+    note = ""
+    if mismatched or (kept and not paired):
+        note = (f"{mismatched} ONNX value(s) are named like nodes of the model compiled with this pipeline but "
+                f"come from other ops: was '{path}' built with another --passes?" if mismatched else
+                f"no value of '{path}' pairs with the model compiled with this pipeline: give the --passes it "
+                f"was built with")
+    return LayerComparison(paired, kept, len(ref), first, note)
 
 
 # --------------------------------------------------------------------------------------- reports

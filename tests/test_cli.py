@@ -242,7 +242,8 @@ def test_compare_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["compare", *MODEL, str(path)]) == EXIT_OK
     out = capsys.readouterr().out
-    assert "PASS output 0" in out and "smallest relative tolerance" in out
+    row = next(l for l in out.splitlines() if l.startswith(str(path)))
+    assert row.split()[1:3] == ["onnxruntime", "0"] and row.endswith("PASS") and "smallest relative tolerance" in out
     assert main(["compare", *MODEL, str(path), "--tolerance", "0"]) in (EXIT_OK, EXIT_NOT_EQUIVALENT)
     assert main(["compare", *MODEL, str(tmp_path / "nope.onnx")]) == EXIT_USAGE
 
@@ -456,7 +457,8 @@ def test_tar_output_is_a_tvm_module_that_compare_loads(tmp_path, capsys):
     assert main(["run", *MODEL, "--passes", "fold-bn", "-o", str(path), "--verbose"]) == EXIT_OK
     assert path.is_file() and path.with_suffix(".json").is_file() and not path.with_suffix(".so").exists()
     assert main(["compare", *MODEL, str(path), "--verbose"]) == EXIT_OK
-    assert "PASS output 0" in capsys.readouterr().out
+    row = next(l for l in capsys.readouterr().out.splitlines() if l.startswith(str(path)))
+    assert row.split()[1:3] == ["tvm", "0"] and row.endswith("PASS")
     assert not tvm_runtime.verbose()
 
 
@@ -502,3 +504,110 @@ def test_diff_into_a_reader_that_stops_early_ends_quietly(tmp_path):
     proc.stdout.close()
     stderr = proc.communicate(timeout=120)[1].decode()
     assert proc.returncode == 141 and "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
+# --------------------------------------------------------------------------- compare (files, several) / bench
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory):
+    """MODEL's ONNX (default pipeline) and the ONNX of the same layout with other weights."""
+    pytest.importorskip("onnxruntime")
+    from blocks import ConvNet, randomize, small_convnet
+
+    folder = tmp_path_factory.mktemp("cli_onnx")
+    x = torch.randn(1, 3, 8, 8)
+    good = qlfx.compile(small_convnet(), qlfx.DEFAULT_PIPELINE, (x,)).to_onnx(folder / "good.onnx")
+    spec = [("bottleneck", 8, 1, "relu"), ("repvgg", 8, 2, "relu"), ("dwsep_se", 8, 1, "relu")]
+    other = qlfx.compile(randomize(ConvNet(spec, stem=8), seed=12), "fold-bn", (x,)).to_onnx(folder / "other.onnx")
+    return good, other
+
+
+def test_compare_several_artifacts_one_table_exit_1_and_a_verdict(small_onnx, capsys):
+    good, other = small_onnx
+    code = main(["compare", *MODEL, str(good), str(other), "--passes", "fold-bn,dce", "--random-inputs", "2"])
+    captured = capsys.readouterr()
+    assert code == EXIT_NOT_EQUIVALENT
+    lines = captured.out.splitlines()
+    assert "2 input set(s) (seeded random, seed 0)" in lines[0] and lines[1].split()[:2] == ["artifact", "engine"]
+    rows = {l.split()[0]: l for l in lines[3:6]}
+    assert rows[str(good)].endswith("PASS") and "FAIL: probably a different model" in rows[str(other)]
+    assert rows["qlfx"].endswith("PASS")
+    assert f"'{other}' is probably a different model" in captured.err and str(good) + "'" not in captured.err
+
+
+def test_compare_inputs_file_and_old_integer_spelling(small_onnx, tmp_path, capsys):
+    import numpy as np
+
+    good, _ = small_onnx
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32))
+    assert main(["compare", *MODEL, str(good), "--inputs", str(tmp_path / "x.npy"), "--mark", "all"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"4 input set(s) (from {tmp_path / 'x.npy'})" in out and "per layer:" in out and "values paired" in out
+    assert main(["compare", *MODEL, str(good), "--inputs", "2"]) == EXIT_OK  # the old spelling of --random-inputs
+    assert "2 input set(s) (seeded random" in capsys.readouterr().out
+    # a file model without --input-shape: the file's arrays are the inputs as they are
+    assert main(["compare", f"{BLOCKS}:small_convnet", str(good), "--inputs", str(tmp_path / "x.npy")]) \
+        == EXIT_USAGE  # batch 4 against an artifact built for batch 1: the pairing check says so
+    assert "does not pair with the model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--inputs", "{tmp}/bad.npy"], "must be [K*1, 3, 8, 8]"),
+    (["--inputs", "{tmp}/nothere.npz"], "does not exist"),
+    (["--inputs", "{tmp}/bad.npy", "--seed", "3"], "--seed has no effect with --inputs"),
+    (["--inputs", "2", "--random-inputs", "2"], "give one"),
+    (["--random-inputs", "0"], "--random-inputs must be >= 1"),
+    (["--passes", "fold-bm"], "fold-bn"),
+])
+def test_compare_bad_inputs_exit_2(argv, message, small_onnx, tmp_path, capsys):
+    import numpy as np
+
+    np.save(tmp_path / "bad.npy", np.zeros((1, 3, 9, 8), np.float32))
+    good, _ = small_onnx
+    assert main(["compare", *MODEL, str(good), *[a.format(tmp=tmp_path) for a in argv]]) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+def test_compare_mark_all_with_only_tvm_artifacts_exits_2_before_work(capsys):
+    assert main(["compare", *MODEL, "m.so", "--mark", "all"]) == EXIT_USAGE
+    assert "--mark all compares per layer for .onnx artifacts" in capsys.readouterr().err
+
+
+def _bench_rows(out: str) -> list[list[str]]:
+    lines = out.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("engine"))
+    return [re.split(r"\s{2,}", l.strip()) for l in lines[start + 2:] if l.strip()]
+
+
+def test_bench_model_and_artifact(small_onnx, capsys):
+    good, _ = small_onnx
+    assert main(["bench", *MODEL, "--engines", "torch,ort", "--batch", "2,3", "--threads", "1", "--seconds", "0.2",
+                 "--blocks", "2"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "1 thread(s) per engine" in out and "spinning off" in out
+    rows = _bench_rows(out)
+    assert [(r[0], r[1]) for r in rows] == [("torch eager", "2"), ("onnxruntime", "2"), ("torch eager", "3"),
+                                            ("onnxruntime", "3")]
+    for name, batch, median, p90, throughput, runs, _note in rows:
+        median, p90, throughput = float(median), float(p90), float(throughput)
+        assert 0 < median <= p90 and int(runs) >= 2
+        assert throughput == pytest.approx(int(batch) / (median / 1e3), rel=2e-3)  # rounding of the printed median
+    assert main(["bench", str(good), "--threads", "1", "--seconds", "0.1", "--blocks", "1"]) == EXIT_OK
+    rows = _bench_rows(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0][:2] == ["onnxruntime", "1"] and float(rows[0][2]) > 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{model}", "--engines", "torch,trt"], "unknown engine(s) trt"),
+    (["{model}", "--batch", "0"], "positive batch sizes"),
+    (["{onnx}", "--engines", "tvm"], "--engines has no effect for an artifact"),
+    (["{onnx}", "--batch", "4"], "was built for batch 1"),
+    (["missing.onnx"], "does not exist"),
+    (["{model}", "--seconds", "0"], "--seconds must be > 0"),
+])
+def test_bench_bad_usage_exits_2(argv, message, small_onnx, capsys):
+    good, _ = small_onnx
+    argv = [a.format(model=MODEL[0], onnx=good) for a in argv]
+    extra = MODEL[1:] if argv[0] == MODEL[0] else []
+    assert main(["bench", *argv, *extra, "--threads", "1", "--seconds", argv.count("--seconds") and "0" or "0.1"]
+                ) == EXIT_USAGE
+    assert message in capsys.readouterr().err

@@ -297,3 +297,141 @@ def test_compare_tvm_artifact(tmp_path):
     path = qlfx.compile(net, qlfx.DEFAULT_PIPELINE, (x,)).to_tvm("llvm", progress=False).export(tmp_path / "m.so")
     result = debug.compare_artifact(net, path, (x,), count=2)
     assert result.engine == "tvm" and result.passed, str(result)
+
+
+# ------------------------------------------------------------------ compare: inputs, verdicts, per layer
+@pytest.fixture(scope="module")
+def authors_onnx(tmp_path_factory):
+    """A model we did not write (the authors' PDE ResNet, small), random weights and BN statistics, emitted
+    with the default pipeline (its products fused into qlfx.BranchProduct nodes)."""
+    pytest.importorskip("onnxruntime")
+    from authors_resnet import authors_resnet
+    from qlfx.models import randomize_batchnorm
+
+    torch.manual_seed(5)
+    net = authors_resnet(layers=(1, 1, 1, 1), num_classes=10).eval()
+    randomize_batchnorm(net, 3)
+    x = torch.randn(1, 3, 32, 32)
+    compiled = qlfx.compile(net, qlfx.DEFAULT_PIPELINE, (x,))
+    return net, x, compiled, compiled.to_onnx(tmp_path_factory.mktemp("onnx") / "authors.onnx")
+
+
+def _scaled_conv_copy(path, out, keys, index, factor):
+    """A copy of the ONNX model at ``path`` with the weight of its ``index``-th Conv whose output pairs with
+    a model value (``keys``: debug.onnx_value_keys) scaled by ``factor``; returns that Conv's output name."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    convs = [n for n in model.graph.node if n.op_type == "Conv" and n.output[0] in keys]
+    conv = convs[index]
+    weights = {t.name: t for t in model.graph.initializer}
+    w = weights[conv.input[1]]
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * factor, w.name))
+    onnx.save(model, str(out))
+    return conv.output[0]
+
+
+def test_compare_mark_all_names_the_first_diverging_value_of_a_corrupted_onnx(authors_onnx, tmp_path):
+    net, x, compiled, path = authors_onnx
+    keys = debug.onnx_value_keys(compiled.graph_module, (x,))
+    good = debug.compare_artifact(net, path, (x,), mark_all=True, count=1)
+    assert good.passed and good.layers.divergence is None
+    # most of what ONNX keeps pairs with a model value (BN-folded convs carry the BN's value)
+    assert good.layers.paired >= 0.6 * good.layers.kept and good.layers.paired > 20, str(good.layers)
+    bad_path = tmp_path / "corrupt.onnx"
+    corrupted = _scaled_conv_copy(path, bad_path, keys, 3, 1.5)
+    bad = debug.compare_artifact(net, bad_path, (x,), mark_all=True, count=1)
+    assert not bad.passed
+    div = bad.layers.divergence
+    assert div is not None and div.node == corrupted, str(bad)
+    traced_node = next(n for n in qlfx.trace(net, (x,)).graph.nodes if n.name == keys[corrupted][0])
+    assert div.module == ir.module_path(traced_node) and div.module  # named with its module path
+    assert "authors_resnet.py:" in div.created_by                    # and the model's source line
+
+
+def test_compare_verdict_tells_a_tolerance_question_from_another_model(authors_onnx, tmp_path):
+    net, x, compiled, path = authors_onnx
+    keys = debug.onnx_value_keys(compiled.graph_module, (x,))
+    slightly = tmp_path / "slightly.onnx"
+    _scaled_conv_copy(path, slightly, keys, 3, 1.002)
+    from authors_resnet import authors_resnet
+    from qlfx.models import randomize_batchnorm
+
+    torch.manual_seed(6)
+    other = authors_resnet(layers=(1, 1, 1, 1), num_classes=10).eval()
+    randomize_batchnorm(other, 4)
+    results = debug.compare_artifacts(other, [path], (x,), count=2)
+    assert not results[0].passed and results[0].probably_different()
+    assert "probably a different model" in debug.format_comparisons(results)
+    results = debug.compare_artifacts(net, [path, slightly], (x,), count=2, passes="fold-bn,dce")
+    good, slight, graph = results
+    assert good.passed and graph.artifact == "qlfx graph" and graph.passed
+    assert not slight.passed and not slight.probably_different(), str(slight)
+    assert slight.correlations[0] > 0.99
+    table = debug.format_comparisons(results)
+    assert table.count("\n") >= 5 and str(path) in table and "slightly.onnx" in table and "qlfx graph" in table
+
+
+def test_compare_inputs_from_npz_npy_and_their_errors(authors_onnx, tmp_path):
+    import numpy as np
+
+    from qlfx.inputs import load_input_sets
+
+    net, x, compiled, path = authors_onnx
+    data = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    np.savez(tmp_path / "named.npz", x=data)
+    np.savez(tmp_path / "ordered.npz", data)
+    np.save(tmp_path / "one.npy", data.astype(np.float64))  # a float64 array is cast to the input's float32
+    for name in ("named.npz", "ordered.npz", "one.npy"):
+        sets = load_input_sets(tmp_path / name, (x,), ["x"])
+        assert len(sets) == 3 and sets[1][0].dtype == torch.float32
+        assert torch.equal(sets[2][0], torch.from_numpy(data[2:3]))
+    result = debug.compare_artifact(net, path, (x,), input_sets=load_input_sets(tmp_path / "named.npz", (x,), ["x"]))
+    assert result.passed and result.inputs_checked == 3
+    np.save(tmp_path / "wrong_shape.npy", data[:, :, :16])
+    np.save(tmp_path / "ints.npy", data.astype(np.int64))
+    np.savez(tmp_path / "wrong_names.npz", image=data, extra=data)
+    (tmp_path / "junk.npz").write_bytes(b"not numpy")
+    for name, message in (("wrong_shape.npy", r"shape \[3, 3, 16, 32\].*must be \[K\*1, 3, 32, 32\]"),
+                          ("ints.npy", "dtype int64.*float array"),
+                          ("wrong_names.npz", r"holds arrays \['extra', 'image'\].*takes 1 input"),
+                          ("junk.npz", "cannot read"), ("missing.npy", "does not exist")):
+        with pytest.raises(UsageError, match=message):
+            load_input_sets(tmp_path / name, (x,), ["x"])
+
+
+def test_image_folder_preprocessing(tmp_path):
+    """RGB, shorter side to max(H,W)*256/224, center crop, /255, ImageNet mean/std: on a two-colour image
+    whose left half is red and right half blue, channel order and crop position show."""
+    import numpy as np
+    from PIL import Image
+
+    from qlfx.inputs import IMAGENET_MEAN, IMAGENET_STD, load_input_sets
+
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:, :30] = (200, 0, 0)
+    pixels[:, 30:] = (0, 0, 100)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    Image.fromarray(np.full((50, 50, 3), 128, np.uint8)).save(tmp_path / "b.png")
+    (tmp_path / "notes.txt").write_text("not an image: skipped")
+    sets = load_input_sets(tmp_path, (torch.zeros(1, 3, 8, 8),), ["x"])
+    assert len(sets) == 2 and sets[0][0].shape == (1, 3, 8, 8)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None], torch.tensor(IMAGENET_STD)[:, None]
+    a = sets[0][0][0]
+    red = (torch.tensor([200, 0, 0]) / 255.0)[:, None]
+    blue = (torch.tensor([0, 0, 100]) / 255.0)[:, None]
+    assert torch.allclose(a[:, 4, :3], ((red - mean) / std).expand(3, 3), atol=1e-5)
+    assert torch.allclose(a[:, 4, -3:], ((blue - mean) / std).expand(3, 3), atol=1e-5)
+    assert torch.allclose(sets[1][0][0], ((torch.full((3, 1, 1), 128 / 255.0) - mean[..., None]) / std[..., None])
+                          .expand(3, 8, 8), atol=1e-5)
+    with pytest.raises(UsageError, match=r"one \[N, 3, H, W\]"):
+        load_input_sets(tmp_path, (torch.zeros(1, 8),), ["x"])
+
+
+def test_compare_pairing_names_both_sides(authors_onnx):
+    net, x, compiled, path = authors_onnx
+    with pytest.raises(UsageError) as info:
+        debug.compare_artifact(net, path, (torch.randn(2, 3, 16, 16),))
+    text = str(info.value)
+    assert "artifact inputs: x: float32[1, 3, 32, 32]" in text and "model inputs:    x: float32[2, 3, 16, 16]" in text
