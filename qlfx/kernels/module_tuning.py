@@ -197,10 +197,12 @@ def tune_tasks(mod: tvm.IRModule, target: tvm.target.Target, trials_per_task: in
         else:
             todo.append((task, row))
     if say:
-        say(f"[qlfx.tvm] other ops: {len(tasks)} tasks, {summary.tasks_from_database} from the database, "
-            f"{len(todo)} to tune, ~{trials_per_task} trials each on average (weighted by FLOPs), "
-            f"cost model {summary.cost_model}"
-            + ("" if summary.cost_model == "xgb" else " (xgboost is not installed: pip install qlfx[tune])"))
+        plan = (f"{len(todo)} to tune, ~{trials_per_task} trials each on average (weighted by FLOPs), cost model "
+                f"{summary.cost_model}" + ("" if summary.cost_model == "xgb"
+                                          else " (xgboost is not installed: pip install qlfx[tune])")
+                if todo and trials_per_task > 0 else "nothing to tune" if not todo
+                else f"{len(todo)} without a record keep qlfx's default schedule (0 trials)")
+        say(f"[qlfx.tvm] other ops: {len(tasks)} tasks, {summary.tasks_from_database} from the database, {plan}")
     if not todo or trials_per_task <= 0:
         summary.seconds = time.perf_counter() - start
         return summary
