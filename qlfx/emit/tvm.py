@@ -13,7 +13,11 @@
    the hand-written kernel of :mod:`qlfx.kernels` (weights packed once, here), tuned with MetaSchedule
    against a persistent JSON database (a second build of the same shapes tunes nothing); a site the
    kernel does not cover (dtype, non-square windows), or ``use_kernels=False``, becomes two Relax
-   conv2d and a multiply (stated in the site's KernelRecord). ``hardball`` / ``softball`` become Relax
+   conv2d and a multiply (stated in the site's KernelRecord). Every other 1x1 convolution (groups 1, no
+   padding, stored weights, fp32) runs on the same packed GEMM kernel (``kind="conv1x1"``, a record per
+   site too): TVM's legalized conv re-streams the input once per channel tile. A depthwise conv whose
+   input repeats channels (``repeat_interleave``, e.g. from expand-depthwise, which onnxruntime needs)
+   reads channel o // m itself instead of a repeated copy. ``hardball`` / ``softball`` become Relax
    ops: x * r / max(|x|, r) and x * rsqrt(1 + |x|^2 / r^2), |x| over dim 1, r = radius or sqrt(C).
 3. The rest goes through Relax's default pipeline for the target (legalize, fuse, and for cuda the
    dlight default GPU schedules; for llvm qlfx's designed CPU schedules, qlfx.kernels.cpu_schedules:
@@ -49,6 +53,7 @@ from . import tvm_runtime
 
 # custom_convert_map keys: TVM's importer looks converters up by ``node.target.__name__``
 BRANCH_PRODUCT = "branch_product.default"
+CONVOLUTION = "convolution.default"
 HARDBALL = "hardball.default"
 SOFTBALL = "softball.default"
 
@@ -98,10 +103,10 @@ def _physical_cores() -> int:
 # ------------------------------------------------------------------------------- qlfx's ops in Relax
 @dataclass
 class KernelRecord:
-    """What happened to one branch_product site: which kernel, how it was tuned."""
+    """What happened to one branch_product (or plain 1x1 conv) site: which kernel, how it was tuned."""
 
     node: str
-    kind: str  # "pointwise" / "depthwise" / "other"
+    kind: str  # branch products: "pointwise" / "depthwise" / "other"; other 1x1 convs: "conv1x1"
     kernel: str  # name of the PrimFunc in the module, or "relax-fallback"
     trials_run: int = 0
     best_us: float | None = None
@@ -148,6 +153,36 @@ def _relax_branch_product(node: fx.Node, importer):
                            branch(a["weight_b"], a["bias_b"], a["padding_b"], a["dilation_b"], a["groups_b"])))
 
 
+def _repeated_channels(conv_args: dict):
+    """(x, m) when a depthwise convolution's input repeats every channel of x m times (what
+    ``repeat_interleave(x, m, 1)`` decomposes to: unsqueeze(2) -> expand -> clone -> view, each used
+    once; expand-depthwise writes it for onnxruntime): the same conv with groups C reads channel
+    o // m directly, and the repeated copy (a kernel of its own in TVM, 4 ms on qlnet50) goes away."""
+    view, groups = conv_args["input"], conv_args["groups"]
+    chain = [view]
+    for op in ("clone", "expand", "unsqueeze"):
+        producer = chain[-1].args[0] if isinstance(chain[-1], fx.Node) and chain[-1].args else None
+        if not ir.is_op(producer, getattr(torch.ops.aten, op)) or len(producer.users) != 1:
+            return None
+        chain.append(producer)
+    if not ir.is_op(view, torch.ops.aten.view, torch.ops.aten.reshape, torch.ops.aten._unsafe_view) \
+            or len(view.users) != 1 or chain[-1].args[1:] != (2,):
+        return None
+    x = chain[-1].args[0]
+    shape, expanded = ir.shape(x), ir.shape(chain[2])
+    if shape is None or expanded is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[1:]):
+        return None
+    n, channels, h, w = shape
+    multiplier = expanded[2]
+    if list(expanded[3:]) != [h, w] or expanded[1] != channels or not isinstance(multiplier, int) \
+            or list(ir.shape(view)[1:]) != [channels * multiplier, h, w]:
+        return None
+    weight = ir.shape(conv_args["weight"])
+    if groups != channels * multiplier or weight is None or weight[1] != 1 or conv_args["transposed"]:
+        return None
+    return x, multiplier
+
+
 class _Lowering:
     """The ``custom_convert_map`` for qlfx's ops, and what happened at each branch_product site:
     kernels of qlfx.kernels (each distinct shape scheduled and tuned once) or the Relax fallback."""
@@ -167,7 +202,7 @@ class _Lowering:
         self.weights = _stored_tensors(ep)
 
     def convert_map(self) -> dict:
-        return {BRANCH_PRODUCT: self.branch_product,
+        return {BRANCH_PRODUCT: self.branch_product, CONVOLUTION: self.convolution,
                 HARDBALL: lambda node, importer: _radial(node, importer, hard=True),
                 SOFTBALL: lambda node, importer: _radial(node, importer, hard=False)}
 
@@ -179,9 +214,30 @@ class _Lowering:
         if spec is None:
             self.records.append(KernelRecord(name, kind, "relax-fallback", note=why_not))
             return _relax_branch_product(node, importer)
+        return self._call_kernel(node, importer, spec, a["x"], [a[k] for k in ("weight_a", "bias_a", "weight_b", "bias_b")])
+
+    def convolution(self, node: fx.Node, importer):
+        """A 1x1 conv (groups 1, no padding, stored weights, fp32) runs on the packed GEMM kernel
+        (``kind="conv1x1"``); every other convolution goes to TVM's own converter."""
+        a = ir.op_args(node)
+        spec = self._conv1x1_spec(node, a) if self.use_kernels else None
+        if spec is not None:
+            return self._call_kernel(node, importer, spec, a["input"], [a["weight"], a["bias"], None, None])
+        repeated = _repeated_channels(a) if self.use_kernels else None
+        if repeated is not None:  # the depthwise conv reads channel o // m itself: no repeated copy
+            x, multiplier = repeated
+            env = importer.env
+            return importer._conv2d_impl(env[x], env[a["weight"]], None if a["bias"] is None else env[a["bias"]],
+                                         a["stride"], a["padding"], a["dilation"], a["groups"] // multiplier)
+        return importer._convolution(node)
+
+    def _call_kernel(self, node: fx.Node, importer, spec, x_node: fx.Node, weight_nodes: list):
+        """call_tir of the kernel for ``spec`` on ``x_node`` with the weights (weight_a, bias_a, weight_b,
+        bias_b; None where absent) packed here, recording the site."""
+        name = emit.origin(self.gm, node).name
         gvar, record = self._kernel(importer, spec)
         if record.node:  # a shape seen before in this graph: the same kernel, nothing tuned for this site
-            record = KernelRecord(name, kind, record.kernel, 0, record.best_us, record.from_database,
+            record = KernelRecord(name, spec.kind, record.kernel, 0, record.best_us, record.from_database,
                                   f"the kernel of {record.node}")
         record.node = name
         self.records.append(record)
@@ -189,9 +245,8 @@ class _Lowering:
 
         from ..kernels import pack_weights
 
-        packed = pack_weights(spec, *(None if a[k] is None else self.weights[a[k].name]
-                                      for k in ("weight_a", "bias_a", "weight_b", "bias_b")))
-        x = importer.env[a["x"]]
+        packed = pack_weights(spec, *(None if w is None else self.weights[w.name] for w in weight_nodes))
+        x = importer.env[x_node]
         out_shape = [x.ty.shape[0]] + list(spec.output_shape[1:])
         args = [x] + [relax.const(np.ascontiguousarray(p, dtype="float32")) for p in packed]
         return importer.block_builder.emit(relax.op.call_tir(gvar, args, relax.TensorType(out_shape, "float32")))
@@ -221,6 +276,27 @@ class _Lowering:
                                      has_bias_b=a["bias_b"] is not None), ""
         except ValueError as err:
             return None, str(err)
+
+    def _conv1x1_spec(self, node: fx.Node, a: dict):
+        """The conv1x1 kernel's spec for an aten.convolution site, or None when it is not one."""
+        from ..kernels import BranchProductSpec
+
+        weight, bias = a["weight"], a["bias"]
+        if a["transposed"] or a["groups"] != 1 or ir.dtype(node) != torch.float32:
+            return None
+        if not isinstance(weight, fx.Node) or weight.name not in self.weights \
+                or (bias is not None and (not isinstance(bias, fx.Node) or bias.name not in self.weights)):
+            return None
+        shape = ir.shape(a["input"])
+        if len(shape) != 4 or tuple(ir.shape(weight)[2:]) != (1, 1) or any(p != 0 for p in a["padding"]):
+            return None
+        n, cin, h, w = shape
+        stride = list(a["stride"])
+        if len(set(stride)) != 1 or not all(isinstance(d, int) for d in (cin, h, w)):
+            return None
+        return BranchProductSpec(batch=n if isinstance(n, int) else None, in_channels=cin, height=h, width=w,
+                                 out_channels=ir.shape(weight)[0], kind="conv1x1", stride=stride[0],
+                                 has_bias_a=bias is not None, has_bias_b=False)
 
     def _kernel(self, importer, spec):
         """The kernel's GlobalVar for ``spec`` (added to the module on first use) and its record."""
@@ -522,7 +598,9 @@ def build_tvm(
     with tgt:
         # Relax's default pipeline for the target (relax.get_default_pipeline), split open so that the
         # tuning database is applied after fusion and before cuda's default (dlight) schedules.
-        mod = tvm.transform.Sequential(pipeline.library_dispatch_passes(tgt) + _legalize_passes_without_dlight())(mod)
+        # (dead code first: the lowering leaves the bindings it made redundant, e.g. a repeated copy)
+        mod = tvm.transform.Sequential([relax.transform.DeadCodeElimination()] + pipeline.library_dispatch_passes(tgt)
+                                       + _legalize_passes_without_dlight())(mod)
     tuning = None
     other_trials = tune_trials if other_ops_trials is None else other_ops_trials
     dynamic = any(None in i["shape"] for i in interface["inputs"])

@@ -59,6 +59,7 @@ from .branch_product import (
     branch_product_primfunc,
     build_branch_product,
     CUDA_KNOB_CHOICES,
+    default_llvm_knobs,
     host_llvm_target,
     llvm_knob_choices,
     schedule_cuda,
@@ -382,6 +383,30 @@ def _tuned_from_record(
     )
 
 
+def _commit_default_record(spec: BranchProductSpec, target: tvm.target.Target, mod: tvm.IRModule, db: Any,
+                           builder: Any, runner: Any) -> None:
+    """Measure the untuned schedule (default knobs) with the tuning's builder and runner and store it:
+    the search samples a few points of the space and may miss it, and a record slower than what an
+    untuned build runs would then replace it."""
+    if target.kind.name != "llvm":
+        return
+    sch = Schedule(branch_product_primfunc(spec))
+    schedule_llvm(sch, spec, default_llvm_knobs(spec, target=target))
+    args_info = ms.arg_info.ArgInfo.from_prim_func(mod["main"])
+    (built,) = builder.build([ms.builder.BuilderInput(sch.mod, target)])
+    if built.error_msg is not None:
+        logger.warning("the default schedule of %s does not build: %s", spec.name(), built.error_msg[:200])
+        return
+    (future,) = runner.run([ms.runner.RunnerInput(built.artifact_path, target.kind.name, args_info)])
+    result = future.result()
+    if result.error_msg is not None or not result.run_secs:
+        logger.warning("the default schedule of %s did not run: %s", spec.name(), (result.error_msg or "")[:200])
+        return
+    workload = db.commit_workload(mod)
+    db.commit_tuning_record(ms.database.TuningRecord(sch.trace, workload, [float(t) for t in result.run_secs],
+                                                     target, args_info))
+
+
 def _tune_context(spec: BranchProductSpec, target: tvm.target.Target, mod: tvm.IRModule, total: int, seed: int) -> Any:
     return ms.TuneContext(
         mod=mod,
@@ -462,6 +487,9 @@ def tune_branch_product(
             "on this CPU-only machine build the hand schedule with build_branch_product(spec, target) instead"
         )
 
+    builder = InProcessBuilder() if builder is None else builder
+    runner = InProcessRunner(number, repeat, min_repeat_ms) if runner is None else runner
+    _commit_default_record(spec, target, mod, db, builder, runner)
     total = min(trials, space_size(spec, target))
     per_iter = trials_per_iter or total
     callback = _ProgressCallback(spec.flops, total, progress)
@@ -476,8 +504,8 @@ def tune_branch_product(
         work_dir=work_dir,
         max_trials_global=total,
         num_trials_per_iter=per_iter,
-        builder=InProcessBuilder() if builder is None else builder,
-        runner=InProcessRunner(number, repeat, min_repeat_ms) if runner is None else runner,
+        builder=builder,
+        runner=runner,
         database=db,
         cost_model="random",
         measure_callbacks=ms.measure_callback.MeasureCallback.create("default") + [callback],

@@ -44,6 +44,11 @@ def _fused(gm) -> list:
     return [n for n in gm.graph.nodes if n.target is BRANCH_PRODUCT]
 
 
+def _products(module) -> list:
+    """The module's records of branch-product sites (the other 1x1 convs have records of kind conv1x1)."""
+    return [r for r in module.kernels if r.kind != "conv1x1"]
+
+
 @pytest.fixture(scope="module")
 def compiled_small():
     """(model, Compiled, input) for the PDEBlock and Eq.(3) twins at 64x64, after the default pipeline."""
@@ -67,10 +72,12 @@ def test_llvm_build_matches_torch_with_fused_kernels(compiled_small, kind):
     with torch.no_grad():
         _close(module(x2.numpy()), model(x2).numpy())
     fused = _fused(compiled.graph_module)
-    assert len(fused) == 4 and len(module.kernels) == 4
-    assert [r.node for r in module.kernels] == [n.name for n in fused]  # named after the qlfx nodes
-    assert all(r.kind == ("pointwise" if kind == "pde" else "depthwise") for r in module.kernels)
-    assert all(r.kernel.startswith("branch_product_") for r in module.kernels), module.kernels
+    products = _products(module)
+    assert len(fused) == 4 and len(products) == 4
+    assert [r.node for r in products] == [n.name for n in fused]  # named after the qlfx nodes
+    assert all(r.kind == ("pointwise" if kind == "pde" else "depthwise") for r in products)
+    assert all(r.kernel.startswith("branch_product_") for r in products), module.kernels
+    assert all(r.kernel.startswith("packed_conv1x1_") for r in module.kernels if r.kind == "conv1x1")
     names = {gv.name_hint for gv in module.relax_module.get_global_vars()}
     assert {r.kernel for r in module.kernels} <= names
 
@@ -80,7 +87,7 @@ def test_plain_graph_without_kernels_matches_torch():
     model = _small_model("pde")
     x = torch.randn(1, 3, 64, 64)
     module = build_tvm(qlfx.trace(model, (x,)), (x,), target="llvm", progress=False)
-    assert module.kernels == []
+    assert _products(module) == [] and module.kernels  # no products; the 1x1 convs on packed kernels
     with torch.no_grad():
         _close(module(x), model(x))
     with pytest.raises(ValueError, match=r"must have shape \(1, 3, 64, 64\).*dynamic_batch"):
@@ -103,7 +110,7 @@ def test_dynamic_batch_runs_at_any_batch_size(kind):
     compiled = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,), dynamic_batch=True)
     module = compiled.to_tvm("llvm", progress=False)
     assert module.inputs[0]["shape"] == [None, 3, 32, 32] and module.outputs[0]["shape"] == [None, 10]
-    assert len(module.kernels) == len(_fused(compiled.graph_module)) == 4
+    assert len(_products(module)) == len(_fused(compiled.graph_module)) == 4
     assert all("nany" in r.kernel for r in module.kernels)  # the kernels take any batch size too
     for batch in (1, 3, 8):
         xb = torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(batch))
@@ -168,6 +175,46 @@ def test_timm_model_through_default_pipeline():
     module = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,)).to_tvm("llvm", progress=False)
     with torch.no_grad():
         _close(module(x), model(x), rel=1e-4)
+
+
+class _AuthorsStyleBlock(nn.Module):
+    """1x1 convs that are no branch product (projection with bias, strided shortcut without), and a
+    channel repeat feeding a depthwise conv, written the way users write them."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.expand = nn.Conv2d(c, c, 1)
+        self.dw = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+        self.project = nn.Conv2d(2 * c, c, 1)
+        self.shortcut = nn.Conv2d(c, 2 * c, 1, stride=2, bias=False)
+        self.bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        x0 = x
+        y = torch.repeat_interleave(torch.relu(self.expand(x)), 2, dim=1)
+        y = self.bn(self.project(torch.relu(self.dw(y))))
+        y += x0
+        return self.shortcut(torch.relu(y))
+
+
+def test_plain_1x1_convs_and_channel_repeats_lower_to_qlfx_kernels():
+    """Every 1x1 conv runs on the packed GEMM kernel (kind conv1x1, bias or not, stride 2 too); a
+    depthwise conv reading repeated channels reads them in place (no repeat left in the module)."""
+    model = randomize_batchnorm(_AuthorsStyleBlock().eval(), seed=2)
+    x = torch.randn(2, 16, 12, 12, generator=torch.Generator().manual_seed(0))
+    gm = qlfx.compile(model, "fold-bn", example_inputs=(x,)).graph_module
+    module = build_tvm(gm, (x,), progress=False)
+    with torch.no_grad():
+        _close(module(x), model(x))
+    assert sorted(r.kernel for r in module.kernels) == [
+        "packed_conv1x1_n2_c16_12x12_m16_s1_biasa", "packed_conv1x1_n2_c16_12x12_m32_s2_biasnone",
+        "packed_conv1x1_n2_c32_12x12_m16_s1_biasa"], module.kernels
+    script = module.relax_module.script()
+    assert "groups=16" in script and "groups=32" not in script  # the depthwise conv reads channel o // 2
+    plain = build_tvm(gm, (x,), progress=False, use_kernels=False)
+    assert plain.kernels == [] and "groups=32" in plain.relax_module.script()
+    with torch.no_grad():
+        _close(plain(x), model(x))
 
 
 class _GatedConv(nn.Module):
@@ -305,7 +352,9 @@ def test_export_loads_and_runs_without_torch(compiled_small, tmp_path):
     so = module.export(tmp_path / "model.so")
     meta = json.loads((tmp_path / "model.json").read_text())
     assert so.exists() and meta["inputs"][0]["shape"] == [2, 3, 64, 64] and meta["num_outputs"] == 1
-    assert meta["version"] == 2 and [k["node"] for k in meta["kernels"]] == [n.name for n in _fused(compiled.graph_module)]
+    products = [k["node"] for k in meta["kernels"] if k["kind"] != "conv1x1"]
+    assert meta["version"] == 2 and products == [n.name for n in _fused(compiled.graph_module)]
+    assert len(meta["kernels"]) > len(products)  # the other 1x1 convs run on packed kernels too
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"
     _run_without_torch(so, _save_cases(model, [x], tmp_path))
 
@@ -328,7 +377,8 @@ def test_cuda_build_contains_fused_kernel(compiled_small, tmp_path):
     assert "sm_90a" in str(module.target)
     source = module.source()
     assert "__global__" in source
-    assert len(module.kernels) == 4 and all(r.kernel.startswith("branch_product_") for r in module.kernels)
+    assert len(_products(module)) == 4 and all(r.kernel.startswith("branch_product_") for r in _products(module))
+    assert all(r.kernel.startswith("packed_conv1x1_") for r in module.kernels if r.kind == "conv1x1")
     assert all(f"{r.kernel}_kernel" in source for r in module.kernels), module.kernels
     so = module.export(tmp_path / "cuda_model.so")
     assert so.stat().st_size > 0 and json.loads(so.with_suffix(".json").read_text())["device"] == "cuda"

@@ -35,7 +35,7 @@ def random_problem(spec: BranchProductSpec, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(spec.input_shape, generator=gen)
     weight_a = torch.randn(spec.weight_a_shape, generator=gen) / spec.in_channels**0.5
-    weight_b = torch.randn(spec.weight_b_shape, generator=gen) / spec.in_channels**0.5
+    weight_b = None if spec.kind == "conv1x1" else torch.randn(spec.weight_b_shape, generator=gen) / spec.in_channels**0.5
     bias_a = torch.randn(spec.out_channels, generator=gen) if spec.has_bias_a else None
     bias_b = torch.randn(spec.out_channels, generator=gen) if spec.has_bias_b else None
     return x, weight_a, bias_a, weight_b, bias_b
@@ -43,6 +43,8 @@ def random_problem(spec: BranchProductSpec, seed: int = 0):
 
 def torch_reference(spec: BranchProductSpec, x, weight_a, bias_a, weight_b, bias_b) -> np.ndarray:
     a = F.conv2d(x.double(), weight_a.double(), None if bias_a is None else bias_a.double(), stride=spec.stride)
+    if spec.kind == "conv1x1":
+        return a.float().numpy()
     b = F.conv2d(
         x.double(), weight_b.double(), None if bias_b is None else bias_b.double(), stride=spec.stride,
         padding=spec.padding_b, dilation=spec.dilation_b, groups=spec.groups_b,
@@ -68,6 +70,9 @@ def test_spec_shapes_and_flops():
     assert (dw.kernel_size_b, dw.padding_b, dw.groups_b, dw.depth_multiplier) == (3, 1, 8, 4)
     assert dw.weight_b_shape == (32, 1, 3, 3)
     assert dw.flops == 2 * (32 * 63 * 8 + 32 * 63 * 9) + 32 * 63
+    one = BranchProductSpec(1, 8, 7, 9, 32, "conv1x1", stride=2, has_bias_b=False)
+    assert one.output_shape == (1, 32, 4, 5) and one.packed_weight_b_shape is None and one.operands == 1
+    assert one.flops == 2 * 32 * 20 * 8
 
 
 @pytest.mark.parametrize(
@@ -76,7 +81,9 @@ def test_spec_shapes_and_flops():
         (dict(kind="depthwise", out_channels=30), "multiple of in_channels"),
         (dict(kind="depthwise", padding_b=0), "disagree on the output size"),
         (dict(kind="pointwise", kernel_size_b=3), "pointwise branch product needs"),
-        (dict(kind="conv"), "must be 'pointwise' or 'depthwise'"),
+        (dict(kind="conv"), "must be one of pointwise, depthwise, conv1x1"),
+        (dict(kind="conv1x1"), "no b branch"),  # has_bias_b defaults to True
+        (dict(kind="conv1x1", has_bias_b=False, kernel_size_b=3), "no b branch"),
     ],
 )
 def test_spec_rejects_inconsistent_shapes(kwargs, message):
@@ -105,6 +112,8 @@ ODD_SPECS = [
     BranchProductSpec(2, 10, 7, 9, 40, "depthwise", stride=2, has_bias_b=False),
     BranchProductSpec(1, 24, 9, 7, 48, "depthwise", stride=2, has_bias_a=False, has_bias_b=False),
     BranchProductSpec(1, 8, 11, 6, 32, "depthwise", dilation_b=2),
+    BranchProductSpec(1, 24, 7, 9, 40, "conv1x1", has_bias_b=False),
+    BranchProductSpec(2, 24, 7, 9, 40, "conv1x1", stride=2, has_bias_a=False, has_bias_b=False),
 ]
 
 
@@ -113,7 +122,7 @@ def test_llvm_kernel_matches_torch(spec):
     assert_matches_torch(spec, build_branch_product(spec))
 
 
-@pytest.mark.parametrize("kind", ["pointwise", "depthwise"])
+@pytest.mark.parametrize("kind", ["pointwise", "depthwise", "conv1x1"])
 def test_llvm_kernel_every_knob_value(kind):
     """Each value of each knob once (m_vecs 1/2, pixel tiles that cross rows, both loop orders)."""
     spec = BranchProductSpec(1, 16, 6, 10, 64, kind, has_bias_b=False)  # 60 pixels, rows of 10
@@ -224,6 +233,18 @@ def test_tuning_then_reuse_from_database(tmp_path, monkeypatch):
     assert again.knobs == first.knobs and again.best_seconds == first.best_seconds
     tvm.ir.assert_structural_equal(again.primfunc, first.primfunc)
     assert_matches_torch(TINY, again.build(), seed=1)
+
+
+def test_tuning_stores_the_untuned_schedule_as_the_record_to_beat(tmp_path, monkeypatch):
+    """The default knobs are measured and stored before the search: with a search that measures
+    nothing, the database's best record is the untuned schedule (so a tuned build is never slower
+    than an untuned one, however few trials the search gets)."""
+    monkeypatch.setattr(tuning.ms.tune, "tune_tasks", lambda *args, **kwargs: None)
+    spec = BranchProductSpec(1, 16, 6, 6, 32, "conv1x1", has_bias_b=False)
+    tuned = tune_branch_product(spec, None, 4, str(tmp_path))
+    assert tuned.knobs == bp.default_llvm_knobs(spec, target=tuned.target)
+    assert tuned.best_seconds > 0
+    assert_matches_torch(spec, tuned.build())
 
 
 def test_tuned_kernel_exposes_knobs_that_rebuild_the_same_schedule(tmp_path):

@@ -110,6 +110,20 @@ def test_conv_tile_fits_the_registers():
                 assert ft * yt * -(-xt // lanes) <= cs.ACCUMULATOR_REGISTERS
                 assert not depthwise or ft == 1
     assert cs.vector_lanes(AVX2) == 8 and cs.vector_lanes(AVX512) == 16
+    # dense convs use whole vectors when they divide the row, with the most FMAs per load (stem: 4x1x16)
+    assert cs.conv_tile(64, 112, 112, 8) == (4, 1, 16)
+    assert cs.conv_tile(64, 56, 56, 8)[2] % 8 == 0
+
+
+def test_depthwise_padding_stays_a_stage():
+    """The padded input is its own (per-channel) stage: inlined, its bounds test would sit in the
+    conv's vector loop and turn every load into a masked gather."""
+    (func,) = _fused_primfuncs(_conv(1, 1, 3, 8, out_channels=8)).values()
+    sch = cs.ConvNCHW().apply(func, HOST, False)
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    assert "pad_temp" in names, names
+    conv = sch.get(sch.get_sblock(next(n for n in names if n.endswith("_update"))))
+    assert "if_then_else" not in str(conv.body), conv.body
 
 
 def test_branch_product_default_tile_fits_avx2():
