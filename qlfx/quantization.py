@@ -21,7 +21,9 @@ from . import ir
 
 __all__ = ["quantize_weight_per_channel", "quantize_tensor_per_tensor", "weight_scales", "activation_qparams",
            "quantize_bias", "RangeObserver", "ESTIMATORS", "is_quantized", "expand_branch_products", "linear_op",
-           "fake_quantize_value", "fake_quantize_weight", "FAKE_QUANT_OPS", "has_vnni", "movement_source"]
+           "fake_quantize_value", "fake_quantize_weight", "FAKE_QUANT_OPS", "has_vnni", "movement_source",
+           "SELECTION_OPS", "ELEMENTWISE_INT8_OPS", "ABSORBED_ACTIVATIONS", "elementwise_operands",
+           "absorbed_activation"]
 
 _INT32 = (-(2 ** 31), 2 ** 31 - 1)
 
@@ -186,14 +188,54 @@ MOVEMENT_OPS = (aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, ate
                 aten.flatten.using_ints, aten.contiguous.default)
 
 
+# ops that select entries of their input (max pooling): a per-tensor quantiser is monotone, so it
+# commutes with them too (max of quantised entries = quantised max), and onnxruntime runs them on uint8
+SELECTION_OPS = (aten.max_pool2d.default, aten.max_pool1d.default, aten.max_pool3d.default)
+
+
 def movement_source(value: fx.Node) -> fx.Node | None:
-    """The value a chain of :data:`MOVEMENT_OPS` ending at ``value`` starts from (None: no such chain).
-    Quantising it with ``value``'s grid is the same function, and lets onnxruntime run the op that
-    makes it (a branch product before a channel repeat) in int8 too."""
+    """The value a chain of :data:`MOVEMENT_OPS` / :data:`SELECTION_OPS` ending at ``value`` starts from
+    (None: no such chain). Quantising it with ``value``'s grid is the same function (quantising the
+    chain's output again on that grid changes nothing), and lets onnxruntime run the op that makes it (a
+    branch product before a channel repeat, a conv before a max pool) in int8 too, and the chain on
+    uint8 (it drops the DequantizeLinear -> op -> QuantizeLinear around each op of one grid)."""
     source = value
-    while source.op == "call_function" and source.target in MOVEMENT_OPS and isinstance(source.args[0], fx.Node):
+    while source.op == "call_function" and source.target in MOVEMENT_OPS + SELECTION_OPS \
+            and isinstance(source.args[0], fx.Node):
         source = source.args[0]
     return None if source is value or source.op != "call_function" else source
+
+
+# elementwise ops onnxruntime runs in int8 (QLinearAdd / QLinearMul) when their inputs are dequantised
+# and their output quantised
+ELEMENTWISE_INT8_OPS = (aten.add.Tensor, aten.mul.Tensor)
+# activations an int8 kernel applies by saturating its output: with the output grid's zero point at the
+# bottom of the uint8 range (a range [0, hi]) ``relu`` then quantise = quantise, and onnxruntime drops the
+# Relu between the op and its QuantizeLinear (ReluQuantFusion)
+ABSORBED_ACTIVATIONS = (aten.relu.default, aten.relu_.default)
+
+
+def elementwise_operands(node: fx.Node) -> "list[fx.Node] | None":
+    """The two tensor operands of an ``aten.add`` / ``aten.mul`` an int8 kernel can run (QLinearAdd /
+    QLinearMul: two float tensors, alpha 1, at least 2-D); None for any other node."""
+    if node.op != "call_function" or node.target not in ELEMENTWISE_INT8_OPS or len(node.args) != 2:
+        return None
+    if node.kwargs.get("alpha", 1) != 1 or not all(isinstance(a, fx.Node) for a in node.args):
+        return None
+    values = [node.meta.get("val"), *(a.meta.get("val") for a in node.args)]
+    if not all(isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() >= 2 for v in values):
+        return None
+    return list(node.args)
+
+
+def absorbed_activation(node: fx.Node) -> "fx.Node | None":
+    """The ``relu`` that is the only reader of ``node`` (an int8 op's output): the int8 op's output value
+    is then that relu's (its grid [0, hi] has zero point 0, which saturates as the relu does)."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].op == "call_function" and users[0].target in ABSORBED_ACTIVATIONS \
+            and users[0].args[0] is node:
+        return users[0]
+    return None
 
 
 def linear_op(node: fx.Node) -> "ir.ConvCall | ir.LinearCall | None":

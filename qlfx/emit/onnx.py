@@ -19,7 +19,9 @@ runtime runs it and a backend that knows it can match it by name:
 A graph the ``quantize`` pass made (``aten.fake_quantize_per_tensor_affine`` / ``_per_channel_affine``,
 which torchlib exports as QuantizeLinear -> DequantizeLinear) becomes an int8 QDQ model:
 :func:`store_quantized_constants` stores the quantised weights as int8 and the biases as int32, the
-form onnxruntime fuses into QLinearConv / QGemm / QLinearMul / QLinearAdd.
+form onnxruntime fuses into QLinearConv / QGemm / QLinearMul / QLinearAdd, and
+:func:`tile_channel_repeats` turns expand-depthwise's channel repeats into ``Tile`` (channels renumbered
+between the two convs around it) so onnxruntime keeps them on its NHWC int8 path.
 
 Why functions are added after the export: torch.onnx runs onnxscript's version converter on every
 model, which inlines every function a translation calls. A translation therefore emits a plain node of
@@ -57,6 +59,7 @@ from ..io import atomic_write, ensure_writable_dir
 from ..quantization import is_quantized
 
 __all__ = ["export_onnx", "to_onnx_model", "check_in_onnxruntime", "supported_targets", "add_functions",
+           "store_quantized_constants", "tile_channel_repeats",
            "TRANSLATIONS", "QLFX_DOMAIN", "OnnxCheckError"]
 
 QLFX_DOMAIN = "qlfx"
@@ -293,6 +296,135 @@ def store_quantized_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
+def _int_attribute(node: onnx.NodeProto, name: str, default: int) -> int:
+    return next((a.i for a in node.attribute if a.name == name), default)
+
+
+def tile_channel_repeats(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Run the channel repeats of an int8 QDQ model on onnxruntime's NHWC int8 path; return the model
+    (changed in place). Exact: the same numbers, with channels renumbered between two convs.
+
+    expand-depthwise's channel repeat (every channel m times, ``repeat_interleave``) exports as
+    Unsqueeze -> Expand -> Reshape, which onnxruntime's layout optimiser cannot move its NHWC transposes
+    through: every repeat costs a Transpose to NCHW and one back (measured on qlnet50 at 224, 2 threads:
+    32 uint8 Transposes, 8 % of the int8 model's time). Where the repeat feeds (through its
+    QuantizeLinear -> DequantizeLinear) only depthwise convs over the repeated channels, whose outputs
+    feed (likewise) only dense convs, it becomes ``Tile`` (every channel block repeated m times, which
+    the optimiser runs in NHWC): repeated channel t = k C + c holds channel c, so the depthwise conv's
+    output channels (weights, scales, bias) are permuted to o = c m + k and the dense convs' input
+    channels (their weights' axis 1) by the same permutation.
+    """
+    graph = proto.graph
+    constants = _constant_values(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    readers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    initializers = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+
+    def only(name, op_type):
+        nodes = readers.get(name, [])
+        return nodes if nodes and name not in outputs and all(n.op_type == op_type and n.domain in ("", "ai.onnx")
+                                                              for n in nodes) else None
+
+    def uniform(value):  # the same under any permutation of its channels
+        return value.size <= 1 or bool(np.all(value == value.reshape(-1)[0]))
+
+    def dequantized_initializers(name):  # a DequantizeLinear of stored constants, each read only there or uniform
+        dq = producer.get(name)
+        if dq is None or dq.op_type != "DequantizeLinear" or not all(i in initializers for i in dq.input) \
+                or any(len(readers.get(i, [])) != 1 and not uniform(constants[i]) for i in dq.input):
+            return None
+        return dq
+
+    shapes = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        for v in (*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output):
+            dims = v.type.tensor_type.shape.dim
+            shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    except Exception:  # noqa: BLE001 -- no shapes, no rewrite
+        return proto
+
+    replaced, dropped = {}, set()
+    for reshape in graph.node:
+        if reshape.op_type != "Reshape" or len(reshape.input) != 2:
+            continue
+        expand = producer.get(reshape.input[0])
+        unsqueeze = producer.get(expand.input[0]) if expand is not None and expand.op_type == "Expand" else None
+        if unsqueeze is None or unsqueeze.op_type != "Unsqueeze" or len(unsqueeze.input) != 2 \
+                or any(len(readers.get(n.output[0], [])) != 1 for n in (unsqueeze, expand)) \
+                or not all(i in constants for i in (unsqueeze.input[1], expand.input[1], reshape.input[1])):
+            continue
+        shape = constants[expand.input[1]].astype(np.int64).reshape(-1)
+        before, after = shapes.get(unsqueeze.input[0]), shapes.get(reshape.output[0])
+        if constants[unsqueeze.input[1]].reshape(-1).tolist() != [2] or shape.shape != (5,) \
+                or shape[[0, 1, 3, 4]].tolist() != [1, 1, 1, 1] or shape[2] < 2 or not before or not after \
+                or len(before) != 4 or None in before[1:] \
+                or after[1:] != [before[1] * int(shape[2]), *before[2:]]:  # [N, C, H, W] -> [N, m C, H, W]
+            continue
+        mult = int(shape[2])
+        quantize = only(reshape.output[0], "QuantizeLinear")
+        dqs = only(quantize[0].output[0], "DequantizeLinear") if quantize and len(quantize) == 1 else None
+        convs = [c for dq in dqs or [] for c in (only(dq.output[0], "Conv") or [None])]
+        if not convs or None in convs:
+            continue
+        plan, ok = [], True
+        for conv in convs:
+            weight = dequantized_initializers(conv.input[1])
+            bias = dequantized_initializers(conv.input[2]) if len(conv.input) > 2 and conv.input[2] else None
+            channels = int(constants[weight.input[0]].shape[0]) if weight is not None else 0
+            if weight is None or (len(conv.input) > 2 and conv.input[2] and bias is None) \
+                    or _int_attribute(conv, "group", 1) != channels or channels % mult \
+                    or constants[weight.input[0]].shape[1] != 1:
+                ok = False
+                break
+            q_out = only(conv.output[0], "QuantizeLinear")
+            dq_out = only(q_out[0].output[0], "DequantizeLinear") if q_out and len(q_out) == 1 else None
+            dense = [c for dq in dq_out or [] for c in (only(dq.output[0], "Conv") or [None])]
+            dense_weights = [dequantized_initializers(c.input[1]) if c is not None and _int_attribute(c, "group", 1) == 1
+                             else None for c in dense]
+            if not dense or None in dense_weights:
+                ok = False
+                break
+            plan.append((channels, [weight] + ([bias] if bias is not None else []), dense_weights))
+        if not ok or len({channels for channels, _, _ in plan}) != 1:
+            continue
+        channels = plan[0][0]
+        c_in = channels // mult
+        perm = np.array([(t % c_in) * mult + t // c_in for t in range(channels)])  # tiled t <- interleaved o
+
+        def permute(name, axis):
+            value = constants[name]
+            if value.ndim > axis and value.shape[axis] == channels and not uniform(value):
+                value = np.take(value, perm, axis=axis)
+                initializers[name].CopyFrom(onnx.numpy_helper.from_array(value, name))
+                constants[name] = value
+
+        for _, depthwise, dense_weights in plan:
+            for dq in depthwise:
+                for name in dq.input:
+                    permute(name, 0)
+            for dq in dense_weights:
+                permute(dq.input[0], 1)
+        repeats = f"{reshape.output[0]}_tile_repeats"
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array([1, mult, 1, 1], dtype=np.int64), repeats))
+        replaced[id(reshape)] = onnx.helper.make_node("Tile", [unsqueeze.input[0], repeats], [reshape.output[0]],
+                                                      name=f"{reshape.name or reshape.output[0]}_Tile")
+        dropped |= {id(unsqueeze), id(expand)}
+    if not replaced:
+        return proto
+    nodes = [replaced.get(id(n), n) for n in graph.node if id(n) not in dropped]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    read = {i for node in graph.node for i in node.input} | outputs
+    for t in [t for t in graph.initializer if t.name not in read]:
+        graph.initializer.remove(t)
+    return proto
+
+
 # ------------------------------------------------------------------------------------------- API
 def _input_names(gm: fx.GraphModule) -> list[str]:
     return [n.name for n in gm.graph.nodes if n.op == "placeholder"]
@@ -346,6 +478,8 @@ def to_onnx_model(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], op
     proto = ir.serde.serialize_model(program.model)
     add_functions(proto)
     store_quantized_constants(proto)
+    if is_quantized(gm):
+        tile_channel_repeats(proto)
     if check:
         try:
             onnx.checker.check_model(proto, full_check=True)

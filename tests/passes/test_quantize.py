@@ -264,8 +264,11 @@ def test_int8_onnx_runs_int8_kernels_in_onnxruntime_and_matches_the_simulation(t
     x = _data(2, (3, 32, 32), seed=6)
     compiled, fused = _check_int8_onnx(model, x, _data(8, (3, 32, 32), seed=7), tmp_path, estimator="percentile",
                                        min_fused=10)
-    assert "QLinearMul" in fused and "QLinearConv" in fused
+    assert "QLinearMul" in fused and "QLinearConv" in fused and "QLinearAdd" in fused
     assert any("branch_product replaced" in n for n in compiled.report.rows[-1].result.notes)
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    # the channel repeats run as Tile on uint8 (no Expand, no fp32 residual adds or relus left)
+    assert "Tile" in ops and not {"Expand", "Add", "Relu", "Conv"} & set(ops), ops
 
 
 @pytest.mark.parametrize("make", [lambda: randomize(authors_resnet((1, 1, 1, 1), 10, (8, 16, 32, 64)), seed=8),
@@ -285,3 +288,70 @@ def test_compiled_to_onnx_writes_the_int8_model(tmp_path):
     assert len(_stored_int8_weights(proto)) == 3
     int32 = {t.name for t in proto.graph.initializer if t.data_type == onnx.TensorProto.INT32}
     assert sum(n.op_type == "DequantizeLinear" and n.input[0] in int32 for n in proto.graph.node) == 3  # biases
+
+
+class ResidualRelu(nn.Module):
+    """A ResNet-style net: conv-BN-relu stem, max pool, two residual blocks (relu after the add), a
+    branch product (conv * conv), a linear head: every value between int8 ops."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.pool = nn.MaxPool2d(3, 2, padding=1)
+        self.block1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.pool(self.stem(x))
+        x = torch.relu(x + self.block1(x))
+        x = x + self.a(x) * self.b(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def test_relu_max_pool_adds_and_products_run_in_int8_without_requantising(tmp_path):
+    """The relu after an int8 op is absorbed into its output grid (zero point 0), a max pool keeps its
+    input's grid, residual adds and products are quantised ops: onnxruntime runs the whole net on uint8
+    (QLinearConv / QLinearAdd / QLinearMul / uint8 MaxPool), with one QuantizeLinear for the input and
+    one for the pooled features, and agrees with the simulation."""
+    model, x = randomize(ResidualRelu(), seed=11), _data(2, (3, 16, 16), seed=12)
+    compiled = qlfx.compile(model, "fold-bn,quantize<budget=0.5,estimator=mse>", example_inputs=(x,),
+                            calibration=_data(8, (3, 16, 16), seed=13))
+    gm = compiled.graph_module
+    for relu in (n for n in gm.graph.nodes if ir.is_op(n, aten.relu.default)):
+        assert ir.is_op(relu.args[0], aten.conv2d.default, aten.add.Tensor)  # reads the int8 op's output
+        (fq,) = relu.users
+        assert ir.is_op(fq, aten.fake_quantize_per_tensor_affine.default) and fq.args[2] == 0
+    pool = next(n for n in gm.graph.nodes if ir.is_op(n, aten.max_pool2d.default))
+    assert ir.is_op(pool.args[0], aten.fake_quantize_per_tensor_affine.default)
+    assert [tuple(u.args[1:3]) for u in pool.users] == [tuple(pool.args[0].args[1:3])]  # one grid
+    for node in gm.graph.nodes:
+        if ir.is_op(node, aten.add.Tensor, aten.mul.Tensor):
+            assert all(ir.is_op(a, aten.fake_quantize_per_tensor_affine.default) for a in node.args), node
+    proto = to_onnx_model(gm, (x,))
+    optimized = tmp_path / "optimized.onnx"
+    got = _ort_outputs(proto, x, optimized)[0]
+    ref = run_outputs(gm, (x,))[0].numpy()
+    assert np.abs(got - ref).max() / np.abs(ref).max() <= QUANTIZED_TOLERANCE
+    ops = [n.op_type for n in onnx.load(str(optimized)).graph.node]
+    assert not {"Relu", "Add", "Mul", "Conv", "Gemm"} & set(ops), ops
+    assert ops.count("QLinearAdd") == 2 and ops.count("QLinearMul") == 1 and ops.count("QLinearConv") == 5, ops
+    assert ops.count("QuantizeLinear") == 2, ops  # the input, and the mean the classifier reads
+
+
+def test_tiled_channel_repeats_compute_the_same_numbers(monkeypatch):
+    """tile_channel_repeats renumbers channels between a depthwise conv and the dense convs after it:
+    onnxruntime's output is bit-for-bit that of the model with the Unsqueeze -> Expand -> Reshape repeat."""
+    import qlfx.emit.onnx as emit_onnx
+
+    model = randomize_batchnorm(create_model("qlnet-tiny"), seed=5).eval()
+    x = _data(2, (3, 32, 32), seed=6)
+    compiled = qlfx.compile(model, DEFAULT_THEN_QUANTIZE.format(""), example_inputs=(x,),
+                            calibration=_data(8, (3, 32, 32), seed=7))
+    tiled = to_onnx_model(compiled.graph_module, (x,))
+    monkeypatch.setattr(emit_onnx, "tile_channel_repeats", lambda proto: proto)
+    plain = to_onnx_model(compiled.graph_module, (x,))
+    count = lambda proto, op: sum(n.op_type == op for n in proto.graph.node)  # noqa: E731
+    assert count(tiled, "Tile") == count(plain, "Expand") > 0 and count(tiled, "Expand") == 0
+    for inputs in (x, _data(2, (3, 32, 32), seed=8)):
+        np.testing.assert_array_equal(_ort_outputs(tiled, inputs)[0], _ort_outputs(plain, inputs)[0])
