@@ -17,7 +17,10 @@
    padding, stored weights, fp32) runs on the same packed GEMM kernel (``kind="conv1x1"``, a record per
    site too): TVM's legalized conv re-streams the input once per channel tile. A depthwise conv whose
    input repeats channels (``repeat_interleave``, e.g. from expand-depthwise, which onnxruntime needs)
-   reads channel o // m itself instead of a repeated copy. ``hardball`` / ``softball`` become Relax
+   reads channel o // m itself instead of a repeated copy. An ``add`` whose one operand is such a
+   kernel's output (read by the add alone) and whose other has the same shape becomes that kernel
+   with the add in its epilogue (``has_residual``). ``alpha`` of add / sub / rsub is folded into the
+   operand first: TVM's frontend converts them without it. ``hardball`` / ``softball`` become Relax
    ops: x * r / max(|x|, r) and x * rsqrt(1 + |x|^2 / r^2), |x| over dim 1, r = radius or sqrt(C).
 3. The rest goes through Relax's default pipeline for the target (legalize, fuse, and for cuda the
    dlight default GPU schedules; for llvm qlfx's designed CPU schedules, qlfx.kernels.cpu_schedules:
@@ -32,7 +35,9 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import operator
 import os
 import sys
 import time
@@ -54,6 +59,7 @@ from . import tvm_runtime
 # custom_convert_map keys: TVM's importer looks converters up by ``node.target.__name__``
 BRANCH_PRODUCT = "branch_product.default"
 CONVOLUTION = "convolution.default"
+ADD = "add.Tensor"
 HARDBALL = "hardball.default"
 SOFTBALL = "softball.default"
 
@@ -153,6 +159,39 @@ def _relax_branch_product(node: fx.Node, importer):
                            branch(a["weight_b"], a["bias_b"], a["padding_b"], a["dilation_b"], a["groups_b"])))
 
 
+_ALPHA_OPS = {torch.ops.aten.add.Tensor: "other", torch.ops.aten.add.Scalar: "other",
+              torch.ops.aten.sub.Tensor: "other", torch.ops.aten.sub.Scalar: "other",
+              torch.ops.aten.rsub.Tensor: "self", torch.ops.aten.rsub.Scalar: "self"}
+
+
+def _fold_alpha(graph_module: fx.GraphModule) -> None:
+    """``add(a, b, alpha=k)`` -> ``add(a, k * b)`` (likewise sub; rsub scales ``self``), in place.
+
+    TVM's PyTorch frontend converts add / sub / rsub without reading ``alpha`` (0.27), so
+    ``torch.add(x, y, alpha=2)`` would silently compute ``x + y``.
+    """
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        scaled = _ALPHA_OPS.get(node.target) if node.op == "call_function" else None
+        alpha = ir.op_args(node).get("alpha", 1) if scaled else 1
+        if alpha == 1:
+            continue
+        operand = ir.op_args(node)[scaled]
+        if isinstance(operand, fx.Node):
+            with graph.inserting_before(node):
+                product = graph.call_function(torch.ops.aten.mul.Tensor, (operand, alpha))
+            product.meta = {**operand.meta, "val": operand.meta["val"] * alpha}
+        else:
+            product = operand * alpha
+        ir.set_op_args(node, **{scaled: product, "alpha": 1})
+    graph_module.recompile()
+
+
+def _same_shape(a, b) -> bool:
+    """Equal shapes, a symbolic batch size compared by name."""
+    return a is not None and b is not None and len(a) == len(b) and all(str(x) == str(y) for x, y in zip(a, b))
+
+
 def _repeated_channels(conv_args: dict):
     """(x, m) when a depthwise convolution's input repeats every channel of x m times (what
     ``repeat_interleave(x, m, 1)`` decomposes to: unsqueeze(2) -> expand -> clone -> view, each used
@@ -200,29 +239,39 @@ class _Lowering:
         self.records: list[KernelRecord] = []
         self.by_spec: dict[Any, tuple[Any, KernelRecord]] = {}
         self.weights = _stored_tensors(ep)
+        # add -> (kernel site, residual): the add runs as the site's kernel epilogue
+        self.residual_adds = self._residual_adds(ep.graph) if use_kernels else {}
+        self.sites_in_adds = {site for site, _ in self.residual_adds.values()}
 
     def convert_map(self) -> dict:
-        return {BRANCH_PRODUCT: self.branch_product, CONVOLUTION: self.convolution,
+        return {BRANCH_PRODUCT: self.branch_product, CONVOLUTION: self.convolution, ADD: self.add,
                 HARDBALL: lambda node, importer: _radial(node, importer, hard=True),
                 SOFTBALL: lambda node, importer: _radial(node, importer, hard=False)}
 
     def branch_product(self, node: fx.Node, importer):
+        if node in self.sites_in_adds:  # emitted by the add that reads it, with the add in its epilogue
+            return None
         a = ir.op_args(node)
         name = emit.origin(self.gm, node).name
-        kind = branch_product_kind(ir.shape(a["weight_b"]), a["groups_b"], ir.channels(a["x"])) or "other"
-        spec, why_not = self._spec(node, kind)
+        spec, why_not = self._spec(node, self._product_kind(a))
         if spec is None:
-            self.records.append(KernelRecord(name, kind, "relax-fallback", note=why_not))
+            self.records.append(KernelRecord(name, self._product_kind(a), "relax-fallback", note=why_not))
             return _relax_branch_product(node, importer)
-        return self._call_kernel(node, importer, spec, a["x"], [a[k] for k in ("weight_a", "bias_a", "weight_b", "bias_b")])
+        return self._call_kernel(node, importer, spec)
+
+    @staticmethod
+    def _product_kind(a: dict) -> str:
+        return branch_product_kind(ir.shape(a["weight_b"]), a["groups_b"], ir.channels(a["x"])) or "other"
 
     def convolution(self, node: fx.Node, importer):
         """A 1x1 conv (groups 1, no padding, stored weights, fp32) runs on the packed GEMM kernel
         (``kind="conv1x1"``); every other convolution goes to TVM's own converter."""
+        if node in self.sites_in_adds:  # emitted by the add that reads it, with the add in its epilogue
+            return None
         a = ir.op_args(node)
         spec = self._conv1x1_spec(node, a) if self.use_kernels else None
         if spec is not None:
-            return self._call_kernel(node, importer, spec, a["input"], [a["weight"], a["bias"], None, None])
+            return self._call_kernel(node, importer, spec)
         repeated = _repeated_channels(a) if self.use_kernels else None
         if repeated is not None:  # the depthwise conv reads channel o // m itself: no repeated copy
             x, multiplier = repeated
@@ -231,9 +280,52 @@ class _Lowering:
                                          a["stride"], a["padding"], a["dilation"], a["groups"] // multiplier)
         return importer._convolution(node)
 
-    def _call_kernel(self, node: fx.Node, importer, spec, x_node: fx.Node, weight_nodes: list):
-        """call_tir of the kernel for ``spec`` on ``x_node`` with the weights (weight_a, bias_a, weight_b,
-        bias_b; None where absent) packed here, recording the site."""
+    def add(self, node: fx.Node, importer):
+        """A residual add of a kernel site's output: the site's kernel with the add in its epilogue;
+        every other add goes to TVM's own converter."""
+        if node not in self.residual_adds:
+            from tvm import relax
+
+            return importer._binary_op(relax.op.add, operator.add)(node)
+        site, residual = self.residual_adds[node]
+        spec = dataclasses.replace(self._site_spec(site), has_residual=True)
+        return self._call_kernel(site, importer, spec, residual=residual)
+
+    def _site_spec(self, node: fx.Node):
+        """The kernel spec of a branch_product or 1x1 convolution site, or None when no kernel takes it."""
+        a = ir.op_args(node)
+        if ir.is_op(node, torch.ops.qlfx.branch_product):
+            return self._spec(node, self._product_kind(a))[0]
+        if ir.is_op(node, torch.ops.aten.convolution):
+            return self._conv1x1_spec(node, a)
+        return None
+
+    def _residual_adds(self, graph: fx.Graph) -> dict:
+        """add -> (site, residual) for every ``add(site, residual)`` (either order, alpha 1) where site is
+        a kernel site that the add alone reads and residual a tensor of the same shape and dtype (no
+        broadcast: the epilogue reads it element for element)."""
+        plan = {}
+        for node in graph.nodes:
+            if not ir.is_op(node, torch.ops.aten.add.Tensor) or ir.op_args(node).get("alpha", 1) != 1:
+                continue
+            lhs, rhs = node.args[:2]
+            for site, residual in ((lhs, rhs), (rhs, lhs)):
+                if isinstance(site, fx.Node) and isinstance(residual, fx.Node) and site is not residual \
+                        and len(site.users) == 1 and site not in {s for s, _ in plan.values()} \
+                        and _same_shape(ir.shape(site), ir.shape(residual)) and ir.dtype(site) == ir.dtype(residual) \
+                        and self._site_spec(site) is not None:
+                    plan[node] = (site, residual)
+                    break
+        return plan
+
+    def _call_kernel(self, node: fx.Node, importer, spec, residual: fx.Node | None = None):
+        """call_tir of the kernel for ``spec`` at the site ``node`` (a branch_product or a 1x1 conv), its
+        weights packed here, plus the residual the epilogue adds; records the site."""
+        a = ir.op_args(node)
+        if ir.is_op(node, torch.ops.qlfx.branch_product):
+            x_node, weight_nodes = a["x"], [a[k] for k in ("weight_a", "bias_a", "weight_b", "bias_b")]
+        else:
+            x_node, weight_nodes = a["input"], [a["weight"], a["bias"], None, None]
         name = emit.origin(self.gm, node).name
         gvar, record = self._kernel(importer, spec)
         if record.node:  # a shape seen before in this graph: the same kernel, nothing tuned for this site
@@ -249,6 +341,7 @@ class _Lowering:
         x = importer.env[x_node]
         out_shape = [x.ty.shape[0]] + list(spec.output_shape[1:])
         args = [x] + [relax.const(np.ascontiguousarray(p, dtype="float32")) for p in packed]
+        args += [] if residual is None else [importer.env[residual]]
         return importer.block_builder.emit(relax.op.call_tir(gvar, args, relax.TensorType(out_shape, "float32")))
 
     def _spec(self, node: fx.Node, kind: str):
@@ -383,6 +476,7 @@ def to_relax(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], lowerin
         raise UsageError(f"build_tvm takes a torch.fx GraphModule (Compiled.graph_module), got {type(gm).__name__}")
     example_inputs = capture.check_example_inputs(example_inputs)
     ep = capture.to_exported_program(gm, example_inputs).run_decompositions(_core_aten_keeping_qlfx_ops())
+    _fold_alpha(ep.graph_module)
     options = {"trials": 0, "database_dir": _default_database(), "progress": False, "use_kernels": True,
                "tuning_batch": int(example_inputs[0].shape[0]), **(lowering_options or {})}
     options["target"] = options.get("target") or make_target("llvm")

@@ -22,6 +22,11 @@ Three kinds:
   weights, which re-streams the whole input from L3 once per channel tile (10-18 GFLOP/s on qlnet50's
   projections, against 80+ for this kernel).
 
+Any kind may end in a residual add (``has_residual``): ``out = op(x) + residual``, residual an input of
+the output's shape, added in the epilogue while the tile is in registers. The residual stream of a
+ResNet-shaped net then costs one read instead of an extra kernel that reads both operands and writes
+the sum (the adds were 7 % of the Eq.(3) module's time).
+
 Design (why it is formulated this way)
 --------------------------------------
 * Weights are constants, so they are packed once, on the host, into a blocked layout
@@ -35,8 +40,9 @@ Design (why it is formulated this way)
   and the producers are ``compute_at``-ed into its tile loop. That sidesteps the
   ``reverse_compute_at`` failures MetaSchedule's default space runs into on a naive ``split * mul``.
 * The micro-kernel (llvm): for each reduction step c, load ``2*m_vecs`` weight vectors, broadcast
-  ``p_tile`` input scalars, issue ``2*m_vecs*p_tile`` FMAs. With m_vecs=1, p_tile=14 that is 28
-  accumulators + 2 weight registers + 1 broadcast = 31 of 32 zmm registers.
+  ``p_tile`` input scalars, issue ``2*m_vecs*p_tile`` FMAs. With m_vecs=1, p_tile=7 that is 14
+  accumulators + 2 weight registers + 1 broadcast: the tiles that fill all 32 zmm registers measured
+  slower (see :func:`default_llvm_knobs`).
 
 TVM 0.27 API notes / pitfalls (learned the hard way)
 ----------------------------------------------------
@@ -106,6 +112,7 @@ class BranchProductSpec:
     groups_b: int | None = None
     has_bias_a: bool = True
     has_bias_b: bool = True
+    has_residual: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -230,12 +237,14 @@ class BranchProductSpec:
 
     def name(self) -> str:
         bias = ("a" if self.has_bias_a else "") + ("b" if self.has_bias_b else "")
+        residual = "_residual" if self.has_residual else ""
         if self.kind == "conv1x1":
             return (f"packed_conv1x1_n{self.batch or 'any'}_c{self.in_channels}_{self.height}x{self.width}"
-                    f"_m{self.out_channels}_s{self.stride}_bias{bias or 'none'}")
+                    f"_m{self.out_channels}_s{self.stride}_bias{bias or 'none'}{residual}")
         return (
             f"branch_product_{self.kind}_n{self.batch or 'any'}_c{self.in_channels}_{self.height}x{self.width}"
             f"_m{self.out_channels}_s{self.stride}_k{self.kernel_size_b}_d{self.dilation_b}_bias{bias or 'none'}"
+            f"{residual}"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -297,8 +306,16 @@ def pack_weights(
     return args
 
 
-def reference_numpy(spec: BranchProductSpec, x, weight_a, bias_a, weight_b=None, bias_b=None) -> np.ndarray:
+def reference_numpy(spec: BranchProductSpec, x, weight_a, bias_a, weight_b=None, bias_b=None,
+                    residual=None) -> np.ndarray:
     """Plain (slow, float64) numpy reference of the op, for tests without torch."""
+    out = _reference_without_residual(spec, x, weight_a, bias_a, weight_b, bias_b)
+    if spec.has_residual:
+        out = out + _to_numpy(residual).astype("float64")
+    return out.astype("float32")
+
+
+def _reference_without_residual(spec: BranchProductSpec, x, weight_a, bias_a, weight_b, bias_b) -> np.ndarray:
     x = _to_numpy(x).astype("float64")
     wa = _to_numpy(weight_a).astype("float64")
     s, k, d, pad = spec.stride, spec.kernel_size_b, spec.dilation_b, spec.padding_b
@@ -308,7 +325,7 @@ def reference_numpy(spec: BranchProductSpec, x, weight_a, bias_a, weight_b=None,
     if bias_a is not None:
         a += _to_numpy(bias_a).reshape(1, -1, 1, 1)
     if spec.kind == "conv1x1":
-        return a.astype("float32")
+        return a
     wb = _to_numpy(weight_b).astype("float64")
     if spec.kind == "pointwise":
         b = np.einsum("mc,nchw->nmhw", wb[:, :, 0, 0], xs)
@@ -322,12 +339,13 @@ def reference_numpy(spec: BranchProductSpec, x, weight_a, bias_a, weight_b=None,
                 b += wb[None, :, 0, kh, kw, None, None] * tap
     if bias_b is not None:
         b += _to_numpy(bias_b).reshape(1, -1, 1, 1)
-    return (a * b).astype("float32")
+    return a * b
 
 
 # ------------------------------------------------------------------------------ the PrimFunc
 def branch_product_primfunc(spec: BranchProductSpec) -> tirx.PrimFunc:
-    """Unscheduled TIR of the op. Parameters: x, weight_a (packed), bias_a?, weight_b (packed), bias_b?, out.
+    """Unscheduled TIR of the op. Parameters: x, weight_a (packed), bias_a?, weight_b (packed)?, bias_b?,
+    residual?, out.
 
     Blocks::
 
@@ -335,7 +353,7 @@ def branch_product_primfunc(spec: BranchProductSpec) -> tirx.PrimFunc:
         dw[n, p, m]     = sum_{i,j} Wb[m, i, j] * xpad[n, m // mult, ho*s + i*d - pad, wo*s + j*d - pad]
                                                                                (depthwise kind only)
         out[n, m, ho, wo] = (acc[n, p, 0, m] + bias_a[m]) * (B[n, p, m] + bias_b[m]),  p = ho*Wo + wo
-                          (conv1x1: acc[n, p, 0, m] + bias_a[m])
+                          (conv1x1: acc[n, p, 0, m] + bias_a[m]);  + residual[n, m, ho, wo] if any
 
     over the padded channel range m < ceil(M/16)*16 for the producers (zero weight rows) and m < M for
     ``out``. The PrimFunc is named after ``spec.name()`` via the ``global_symbol`` attribute.
@@ -354,6 +372,7 @@ def branch_product_primfunc(spec: BranchProductSpec) -> tirx.PrimFunc:
                                                                    name="weight_b")
     bias_a = te.placeholder((m_out,), "float32", name="bias_a") if spec.has_bias_a else None
     bias_b = te.placeholder((m_out,), "float32", name="bias_b") if spec.has_bias_b else None
+    residual = te.placeholder((n_, m_out, ho, wo), "float32", name="residual") if spec.has_residual else None
 
     def x_at(n, c, p):
         return x[n, c, (p // wo) * s, (p % wo) * s]
@@ -404,7 +423,7 @@ def branch_product_primfunc(spec: BranchProductSpec) -> tirx.PrimFunc:
         )
         operand_b = lambda n, p, m: dw[n, p, m]  # noqa: E731
 
-    def epilogue(n, m, i, j):
+    def value(n, m, i, j):
         p = i * wo + j
         a_val = acc[n, p, 0, m]
         if bias_a is not None:
@@ -416,9 +435,12 @@ def branch_product_primfunc(spec: BranchProductSpec) -> tirx.PrimFunc:
             b_val = b_val + bias_b[m]
         return a_val * b_val
 
+    def epilogue(n, m, i, j):
+        return value(n, m, i, j) if residual is None else value(n, m, i, j) + residual[n, m, i, j]
+
     out = te.compute((n_, m_out, ho, wo), epilogue, name="out")
     params = [x, weight_a] + ([bias_a] if bias_a is not None else []) + ([weight_b] if weight_b is not None else [])
-    params += ([bias_b] if bias_b is not None else []) + [out]
+    params += ([bias_b] if bias_b is not None else []) + ([residual] if residual is not None else []) + [out]
     func = te.create_prim_func(params)
     return func.with_attr("global_symbol", "main")
 
@@ -481,24 +503,29 @@ def llvm_knob_choices(spec: BranchProductSpec) -> dict[str, list[int]]:
 
 
 def default_llvm_knobs(spec: BranchProductSpec, max_registers: int | None = None, target: Any = None) -> LlvmKnobs:
-    """Untuned choice: the fullest register tile, preferring one channel vector and longer pixel runs.
+    """Untuned choice: one channel vector where possible, the fullest register tile within
+    ``max_registers`` accumulators, pixel runs that are no multiple of 8, channel tiles outer.
 
     ``max_registers``: accumulators, in 16-lane units, the tile may use; default from ``target``'s
-    CPU: 30 with AVX-512 (32 zmm), 6 otherwise (AVX2: a unit is 2 of the 16 ymm; 12 of them for
-    accumulators; the AVX-512 tile of 28 units spills there and runs at half the speed).
+    CPU: 16 with AVX-512, 6 otherwise (AVX2: a unit is 2 of the 16 ymm; 12 of them for accumulators).
+    Measured on znver4 (one core, every knob of qlnet50's and Eq.(3)'s stage shapes): tiles of 14-16
+    accumulators run at 95-115 GFLOP/s, the 28-30 of the full register file at 35-100 (LLVM spills
+    the weights and the broadcast); a pixel run of 8 or 16 lets LLVM's SLP vectoriser turn the
+    unrolled epilogue into gathers from the accumulator tile (p_tile 8: 76, p_tile 7: 96 GFLOP/s on
+    the stage-1 product). Tuning (``qlfx.kernels.tuning``) searches the whole space.
     """
     if max_registers is None:
         from .cpu_schedules import vector_lanes
 
         lanes = 16 if target is None else vector_lanes(target if isinstance(target, tvm.target.Target)
                                                        else tvm.target.Target(target))
-        max_registers = 30 if lanes >= 16 else 6
+        max_registers = 16 if lanes >= 16 else 6
     choices = llvm_knob_choices(spec)
     operands = spec.operands
     tiles = [
         (m, p) for m in choices["m_vecs"] for p in choices["p_tile"] if operands * m * p <= max_registers
     ] or [(choices["m_vecs"][0], choices["p_tile"][0])]
-    best = max(tiles, key=lambda t: (operands * t[0] * t[1], -t[0]))
+    best = max(tiles, key=lambda t: (-t[0], t[1] % 8 != 0, operands * t[0] * t[1]))
     return LlvmKnobs(m_vecs=best[0], p_tile=best[1], pixel_outer=0)
 
 
@@ -707,23 +734,29 @@ class BranchProductKernel:
     def output_shape(self, x: Any) -> tuple[int, int, int, int]:
         return (int(x.shape[0]),) + tuple(self.spec.output_shape[1:])
 
-    def run_packed(self, x: Any, *packed: Any, out: Any = None) -> Any:
+    def run_packed(self, x: Any, *packed: Any, residual: Any = None, out: Any = None) -> Any:
+        if (residual is None) == self.spec.has_residual:
+            raise ValueError("pass residual= exactly when the spec has has_residual=True")
         x_t = x if isinstance(x, tvm.runtime.Tensor) else tvm.runtime.tensor(_to_numpy(x), self.device)
         if out is None:
             out = tvm.runtime.tensor(np.empty(self.output_shape(x_t), "float32"), self.device)
-        self._function(x_t, *packed, out)
+        extra = [] if residual is None else [residual if isinstance(residual, tvm.runtime.Tensor)
+                                             else tvm.runtime.tensor(_to_numpy(residual), self.device)]
+        self._function(x_t, *packed, *extra, out)
         return out
 
-    def __call__(self, x, weight_a, bias_a, weight_b=None, bias_b=None) -> np.ndarray:
+    def __call__(self, x, weight_a, bias_a, weight_b=None, bias_b=None, residual=None) -> np.ndarray:
         packed = self.packed_arguments(weight_a, bias_a, weight_b, bias_b)
-        return self.run_packed(x, *packed).numpy()
+        return self.run_packed(x, *packed, residual=residual).numpy()
 
     def time(self, x, packed: Sequence[Any], number: int = 10, repeat: int = 20) -> list[float]:
         """Seconds per run, one entry per repeat (TVM's time_evaluator)."""
         x_t = tvm.runtime.tensor(_to_numpy(x), self.device)
         out = tvm.runtime.tensor(np.empty(self.output_shape(x_t), "float32"), self.device)
+        residual = [tvm.runtime.tensor(np.zeros(self.output_shape(x_t), "float32"), self.device)] \
+            if self.spec.has_residual else []
         evaluator = self.module.time_evaluator("main", self.device, number=number, repeat=repeat)
-        return list(evaluator(x_t, *packed, out).results)
+        return list(evaluator(x_t, *packed, *residual, out).results)
 
 
 def build_branch_product(

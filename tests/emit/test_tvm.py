@@ -82,6 +82,51 @@ def test_llvm_build_matches_torch_with_fused_kernels(compiled_small, kind):
     assert {r.kernel for r in module.kernels} <= names
 
 
+class _Adds(nn.Module):
+    """Residual adds the epilogue may take (a 1x1 conv read only by the add, either operand order, a
+    branch product) and adds it must not: a conv with a second reader, alpha != 1, a broadcast."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d, self.e = (nn.Conv2d(8, 8, 1) for _ in range(5))
+        self.p, self.q = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = x + self.a(x)                    # fused (conv on the right)
+        x = self.b(x) + x                    # fused (conv on the left)
+        y = self.c(x)
+        x = y + x + y.mean()                 # y has two readers: not fused
+        x = torch.add(x, self.d(x), alpha=2)  # alpha: not fused
+        x = self.e(x) + x.mean((2, 3), keepdim=True)  # broadcast: not fused
+        return x + self.p(x) * self.q(x)     # a branch product with the add in its epilogue
+
+
+def test_residual_adds_run_in_the_kernel_epilogue():
+    model = _Adds().eval()
+    x = torch.randn(2, 8, 6, 10, generator=torch.Generator().manual_seed(4))
+    # no merge-parallel: it would fold x + a(x) into one conv
+    compiled = qlfx.compile(model, "fuse-product,dce", example_inputs=(x,))
+    module = compiled.to_tvm("llvm", progress=False)
+    with torch.no_grad():
+        _close(module(x), model(x))
+    residual = [r.node for r in module.kernels if r.kernel.endswith("_residual")]
+    assert len(module.kernels) == 6, module.kernels  # five 1x1 convs, one product
+    assert len(residual) == 3 and sum("branch_product" in n for n in residual) == 1, module.kernels
+
+
+class _Alphas(nn.Module):
+    def forward(self, x):
+        y = torch.add(x, x.flip(3), alpha=2) + torch.sub(x, x * x, alpha=-0.5)
+        return torch.rsub(y, x, alpha=3) + torch.add(y, 3, alpha=2) - torch.sub(y, 1.5, alpha=4)
+
+
+def test_alpha_of_add_and_sub_is_applied():
+    """TVM's frontend converts add / sub / rsub without their alpha; qlfx folds it into the operand."""
+    model, x = _Alphas(), torch.randn(1, 2, 3, 4, generator=torch.Generator().manual_seed(5))
+    module = build_tvm(qlfx.trace(model, (x,)), (x,), target="llvm", progress=False)
+    _close(module(x), model(x))
+
+
 def test_plain_graph_without_kernels_matches_torch():
     """Relax from the plain captured graph (no passes): batch_norm, slices, hardball as Relax ops."""
     model = _small_model("pde")
@@ -208,7 +253,7 @@ def test_plain_1x1_convs_and_channel_repeats_lower_to_qlfx_kernels():
         _close(module(x), model(x))
     assert sorted(r.kernel for r in module.kernels) == [
         "packed_conv1x1_n2_c16_12x12_m16_s1_biasa", "packed_conv1x1_n2_c16_12x12_m32_s2_biasnone",
-        "packed_conv1x1_n2_c32_12x12_m16_s1_biasa"], module.kernels
+        "packed_conv1x1_n2_c32_12x12_m16_s1_biasa_residual"], module.kernels  # y += x0 in the epilogue
     script = module.relax_module.script()
     assert "groups=16" in script and "groups=32" not in script  # the depthwise conv reads channel o // 2
     plain = build_tvm(gm, (x,), progress=False, use_kernels=False)

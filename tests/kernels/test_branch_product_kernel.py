@@ -7,6 +7,7 @@ exercised; a wrong index or a dropped bias changes the output by O(1).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -54,8 +55,13 @@ def torch_reference(spec: BranchProductSpec, x, weight_a, bias_a, weight_b, bias
 
 def assert_matches_torch(spec: BranchProductSpec, kernel, seed: int = 0) -> None:
     problem = random_problem(spec, seed)
-    got = kernel(*problem)
-    want = torch_reference(spec, *problem)
+    if spec.has_residual:  # out = op(x) + residual
+        residual = torch.randn(spec.output_shape, generator=torch.Generator().manual_seed(seed + 1))
+        got = kernel(*problem, residual=residual)
+        want = torch_reference(spec, *problem) + residual.numpy()
+    else:
+        got = kernel(*problem)
+        want = torch_reference(spec, *problem)
     assert got.shape == want.shape == spec.output_shape
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * float(np.abs(want).max()))
 
@@ -114,7 +120,19 @@ ODD_SPECS = [
     BranchProductSpec(1, 8, 11, 6, 32, "depthwise", dilation_b=2),
     BranchProductSpec(1, 24, 7, 9, 40, "conv1x1", has_bias_b=False),
     BranchProductSpec(2, 24, 7, 9, 40, "conv1x1", stride=2, has_bias_a=False, has_bias_b=False),
+    BranchProductSpec(2, 24, 7, 9, 40, "conv1x1", stride=2, has_bias_b=False, has_residual=True),
+    BranchProductSpec(1, 24, 7, 9, 40, "pointwise", has_residual=True),
+    BranchProductSpec(1, 10, 7, 9, 40, "depthwise", stride=2, has_residual=True),
 ]
+
+
+def test_residual_is_an_argument_exactly_when_the_spec_has_one():
+    spec = BranchProductSpec(1, 8, 4, 4, 16, "conv1x1", has_bias_b=False, has_residual=True)
+    kernel = build_branch_product(spec)
+    problem = random_problem(spec)
+    with pytest.raises(ValueError, match="residual= exactly when"):
+        kernel(*problem)
+    assert spec.name().endswith("_residual") and spec != dataclasses.replace(spec, has_residual=False)
 
 
 @pytest.mark.parametrize("spec", ODD_SPECS, ids=lambda s: s.name())
