@@ -221,10 +221,10 @@ def build_engines(name: str, batch: int, args, workdir: Path) -> tuple[list[comm
         module = qlfx_compiled().to_tvm("llvm", tune_trials=args.trials, tuning_db=args.tuning_db, progress=True,
                                        tune_other_ops=args.trials > 0 and not args.no_tune_other_ops)
         tuned = sum(r.trials_run for r in module.kernels)
-        products = [r for r in module.kernels if r.kind != "conv1x1"]
+        products = [r for r in module.kernels if r.is_branch_product]
         fused = sum(1 for r in products if r.kernel != "relax-fallback")
         other = module.tuning
-        note = (f"{fused}/{len(products)} fused kernels, {len(module.kernels) - len(products)} packed 1x1 convs, "
+        note = (f"{fused}/{len(products)} fused kernels, {len(module.kernels) - len(products)} packed 1x1 / separable, "
                 f"{tuned} kernel trials run")
         if other is not None:
             note += (f", other ops: {other.tasks_tuned} tasks tuned x {args.trials}, "

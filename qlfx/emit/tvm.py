@@ -17,7 +17,9 @@
    padding, stored weights, fp32) runs on the same packed GEMM kernel (``kind="conv1x1"``, a record per
    site too): TVM's legalized conv re-streams the input once per channel tile. A depthwise conv whose
    input repeats channels (``repeat_interleave``, e.g. from expand-depthwise, which onnxruntime needs)
-   reads channel o // m itself instead of a repeated copy. An ``add`` whose one operand is such a
+   reads channel o // m itself instead of a repeated copy. A depthwise conv (reading x, or x's
+   channels repeated) whose only reader is a 1x1 conv, possibly through a relu / hardtanh / clamp,
+   runs with that conv as one ``separable`` kernel (llvm targets). An ``add`` whose one operand is such a
    kernel's output (read by the add alone) and whose other has the same shape becomes that kernel
    with the add in its epilogue (``has_residual``). ``alpha`` of add / sub / rsub is folded into the
    operand first: TVM's frontend converts them without it. ``hardball`` / ``softball`` become Relax
@@ -109,15 +111,21 @@ def _physical_cores() -> int:
 # ------------------------------------------------------------------------------- qlfx's ops in Relax
 @dataclass
 class KernelRecord:
-    """What happened to one branch_product (or plain 1x1 conv) site: which kernel, how it was tuned."""
+    """What happened to one kernel site (a branch_product, a 1x1 conv, a depthwise conv + 1x1 conv):
+    which kernel, how it was tuned."""
 
     node: str
-    kind: str  # branch products: "pointwise" / "depthwise" / "other"; other 1x1 convs: "conv1x1"
+    # branch products: "pointwise" / "depthwise" / "other"; 1x1 convs: "conv1x1"; dw + 1x1: "separable"
+    kind: str
     kernel: str  # name of the PrimFunc in the module, or "relax-fallback"
     trials_run: int = 0
     best_us: float | None = None
     from_database: bool = False
     note: str = ""
+
+    @property
+    def is_branch_product(self) -> bool:
+        return self.kind not in ("conv1x1", "separable")
 
 
 def _radial(node: fx.Node, importer, hard: bool):
@@ -222,6 +230,22 @@ def _repeated_channels(conv_args: dict):
     return x, multiplier
 
 
+def _clamp_bounds(node: Any) -> tuple[float | None, float | None] | None:
+    """(min, max) of a relu / hardtanh / clamp with constant bounds, else None."""
+    if ir.is_op(node, torch.ops.aten.relu.default):
+        return 0.0, None
+    a = ir.op_args(node) if isinstance(node, fx.Node) else {}
+    if ir.is_op(node, torch.ops.aten.hardtanh.default):
+        bounds = a["min_val"], a["max_val"]
+    elif ir.is_op(node, torch.ops.aten.clamp.default):
+        bounds = a.get("min"), a.get("max")
+    else:
+        return None
+    if not all(b is None or isinstance(b, (int, float)) for b in bounds):
+        return None
+    return tuple(None if b is None else float(b) for b in bounds)
+
+
 class _Lowering:
     """The ``custom_convert_map`` for qlfx's ops, and what happened at each branch_product site:
     kernels of qlfx.kernels (each distinct shape scheduled and tuned once) or the Relax fallback."""
@@ -239,12 +263,17 @@ class _Lowering:
         self.records: list[KernelRecord] = []
         self.by_spec: dict[Any, tuple[Any, KernelRecord]] = {}
         self.weights = _stored_tensors(ep)
+        # 1x1 conv -> (depthwise conv, clamp or None, spec): one separable kernel computes both
+        self.separable = self._separable_sites(ep.graph) if use_kernels and target.kind.name == "llvm" else {}
+        self.absorbed = {n for dw, clamp, _ in self.separable.values() for n in (dw, clamp) if n is not None}
         # add -> (kernel site, residual): the add runs as the site's kernel epilogue
         self.residual_adds = self._residual_adds(ep.graph) if use_kernels else {}
         self.sites_in_adds = {site for site, _ in self.residual_adds.values()}
+        self._default_converters: dict | None = None
 
     def convert_map(self) -> dict:
         return {BRANCH_PRODUCT: self.branch_product, CONVOLUTION: self.convolution, ADD: self.add,
+                **{name: self._unless_absorbed(name) for name in ("relu.default", "hardtanh.default", "clamp.default")},
                 HARDBALL: lambda node, importer: _radial(node, importer, hard=True),
                 SOFTBALL: lambda node, importer: _radial(node, importer, hard=False)}
 
@@ -266,10 +295,10 @@ class _Lowering:
     def convolution(self, node: fx.Node, importer):
         """A 1x1 conv (groups 1, no padding, stored weights, fp32) runs on the packed GEMM kernel
         (``kind="conv1x1"``); every other convolution goes to TVM's own converter."""
-        if node in self.sites_in_adds:  # emitted by the add that reads it, with the add in its epilogue
+        if node in self.sites_in_adds or node in self.absorbed:  # emitted by the op that reads it
             return None
         a = ir.op_args(node)
-        spec = self._conv1x1_spec(node, a) if self.use_kernels else None
+        spec = self._site_spec(node) if self.use_kernels else None
         if spec is not None:
             return self._call_kernel(node, importer, spec)
         repeated = _repeated_channels(a) if self.use_kernels else None
@@ -296,9 +325,66 @@ class _Lowering:
         a = ir.op_args(node)
         if ir.is_op(node, torch.ops.qlfx.branch_product):
             return self._spec(node, self._product_kind(a))[0]
+        if node in self.separable:
+            return self.separable[node][2]
         if ir.is_op(node, torch.ops.aten.convolution):
             return self._conv1x1_spec(node, a)
         return None
+
+    def _unless_absorbed(self, name: str):
+        """The converter of ``name``: nothing for a node a separable kernel computes, else TVM's own."""
+        def convert(node: fx.Node, importer):
+            if node in self.absorbed:
+                return None
+            if self._default_converters is None:
+                self._default_converters = importer.create_convert_map()
+            return self._default_converters[name](node)
+        return convert
+
+    def _separable_sites(self, graph: fx.Graph) -> dict:
+        """1x1 conv -> (depthwise conv, clamp or None, spec) for ``conv1x1(clamp?(dwconv(x)))``: the
+        depthwise conv reads x (or x's channels repeated, ``repeat_interleave``), each intermediate
+        is read by the next op alone, weights are stored, fp32, the 1x1 conv has stride 1."""
+        from ..kernels import BranchProductSpec
+
+        sites = {}
+        for node in graph.nodes:
+            if not ir.is_op(node, torch.ops.aten.convolution):
+                continue
+            a = ir.op_args(node)
+            pointwise = self._conv1x1_spec(node, a)
+            hidden = a["input"]
+            bounds = _clamp_bounds(hidden)
+            clamp, dw = (hidden, hidden.args[0]) if bounds is not None else (None, hidden)
+            if pointwise is None or pointwise.stride != 1 or len(hidden.users) != 1 \
+                    or not ir.is_op(dw, torch.ops.aten.convolution) or len(dw.users) != 1:
+                continue
+            d = ir.op_args(dw)
+            weight, bias = d["weight"], d["bias"]
+            if d["transposed"] or ir.dtype(dw) != torch.float32 or weight.name not in self.weights \
+                    or (bias is not None and bias.name not in self.weights):
+                continue
+            repeated = _repeated_channels(d)
+            x, multiplier = repeated if repeated is not None else (d["input"], 1)
+            shape, kernel = ir.shape(x), ir.shape(weight)
+            depthwise_in = ir.shape(d["input"])[1]  # the repeated channels, when repeated
+            if kernel[1] != 1 or d["groups"] != depthwise_in or kernel[0] % depthwise_in or len(shape) != 4 \
+                    or kernel[2] != kernel[3]:
+                continue
+            (sh, sw), (ph, pw), (dh, dw_) = ir.pair(d["stride"]), ir.pair(d["padding"]), ir.pair(d["dilation"])
+            if sh != sw or ph != pw or dh != dw_ or not all(isinstance(v, int) for v in shape[1:]):
+                continue
+            try:
+                spec = BranchProductSpec(
+                    batch=shape[0] if isinstance(shape[0], int) else None, in_channels=shape[1], height=shape[2],
+                    width=shape[3], out_channels=pointwise.out_channels, kind="separable", stride=sh,
+                    kernel_size_b=kernel[2], padding_b=ph, dilation_b=dh, groups_b=shape[1],
+                    has_bias_a=pointwise.has_bias_a, has_bias_b=bias is not None, mid_channels=kernel[0],
+                    clamp_min=None if bounds is None else bounds[0], clamp_max=None if bounds is None else bounds[1])
+            except ValueError:  # e.g. a padding that changes the size: the convs stay apart
+                continue
+            sites[node] = (dw, clamp, spec)
+        return sites
 
     def _residual_adds(self, graph: fx.Graph) -> dict:
         """add -> (site, residual) for every ``add(site, residual)`` (either order, alpha 1) where site is
@@ -324,6 +410,11 @@ class _Lowering:
         a = ir.op_args(node)
         if ir.is_op(node, torch.ops.qlfx.branch_product):
             x_node, weight_nodes = a["x"], [a[k] for k in ("weight_a", "bias_a", "weight_b", "bias_b")]
+        elif spec.kind == "separable":
+            dw = ir.op_args(self.separable[node][0])
+            repeated = _repeated_channels(dw)
+            x_node = repeated[0] if repeated is not None else dw["input"]
+            weight_nodes = [a["weight"], a["bias"], dw["weight"], dw["bias"]]
         else:
             x_node, weight_nodes = a["input"], [a["weight"], a["bias"], None, None]
         name = emit.origin(self.gm, node).name

@@ -150,16 +150,17 @@ def _best_record(db: Any, mod: tvm.IRModule, target: tvm.target.Target) -> tuple
 
 # --------------------------------------------------------------------------------- the space
 def _space_function(spec: BranchProductSpec, target: tvm.target.Target) -> Callable[[Schedule], Any]:
-    """The design space: llvm -> two traces (the two loop orders), each with sampled tile knobs;
-    cuda -> one trace with sampled launch-shape knobs."""
+    """The design space: llvm -> a trace per loop order (two; one for separable), each with sampled
+    tile knobs; cuda -> one trace with sampled launch-shape knobs."""
     kind = target.kind.name
 
     def space(sch: Schedule) -> Any:
         if kind == "llvm":
-            other = sch.copy()
-            schedule_llvm(sch, spec, None, pixel_outer=0)
-            schedule_llvm(other, spec, None, pixel_outer=1)
-            return [sch, other]
+            orders = llvm_knob_choices(spec)["pixel_outer"]
+            traces = [sch] + [sch.copy() for _ in orders[1:]]
+            for trace, order in zip(traces, orders):
+                schedule_llvm(trace, spec, None, pixel_outer=order)
+            return traces
         if kind == "cuda":
             schedule_cuda(sch, spec, None)
             return [sch]

@@ -45,8 +45,8 @@ def _fused(gm) -> list:
 
 
 def _products(module) -> list:
-    """The module's records of branch-product sites (the other 1x1 convs have records of kind conv1x1)."""
-    return [r for r in module.kernels if r.kind != "conv1x1"]
+    """The module's records of branch-product sites (the other kernel sites: kinds conv1x1, separable)."""
+    return [r for r in module.kernels if r.is_branch_product]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,9 @@ def test_llvm_build_matches_torch_with_fused_kernels(compiled_small, kind):
     assert all(r.kind == ("pointwise" if kind == "pde" else "depthwise") for r in products)
     assert all(r.kernel.startswith("branch_product_") for r in products), module.kernels
     assert all(r.kernel.startswith("packed_conv1x1_") for r in module.kernels if r.kind == "conv1x1")
+    # PDEBlock: dw3x3 -> conv1x1_out is one separable kernel with the shortcut add in its epilogue
+    separable = [r for r in module.kernels if r.kind == "separable"]
+    assert len(separable) == (4 if kind == "pde" else 0) and all(r.kernel.endswith("_residual") for r in separable)
     names = {gv.name_hint for gv in module.relax_module.get_global_vars()}
     assert {r.kernel for r in module.kernels} <= names
 
@@ -125,6 +128,54 @@ def test_alpha_of_add_and_sub_is_applied():
     model, x = _Alphas(), torch.randn(1, 2, 3, 4, generator=torch.Generator().manual_seed(5))
     module = build_tvm(qlfx.trace(model, (x,)), (x,), target="llvm", progress=False)
     _close(module(x), model(x))
+
+
+class _Separables(nn.Module):
+    """Depthwise-separable convs as users write them: MobileNet's dw-BN-ReLU6-pw-BN with a residual
+    add; a depthwise conv with multiplier 2 read twice (stays apart); one without padding (changes the
+    size: stays apart)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.dw1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, groups=c, bias=False), nn.BatchNorm2d(c)
+        self.pw1, self.bn2 = nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c)
+        self.dw2, self.pw2 = nn.Conv2d(c, 2 * c, 3, padding=1, groups=c), nn.Conv2d(2 * c, c, 1)
+        self.dw3, self.pw3 = nn.Conv2d(c, c, 3, groups=c), nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        x = x + self.bn2(self.pw1(nn.functional.relu6(self.bn1(self.dw1(x)))))
+        h = self.dw2(x)
+        x = self.pw2(h) + h.mean()
+        return self.pw3(self.dw3(x))
+
+
+def test_depthwise_then_1x1_runs_as_one_separable_kernel():
+    model = randomize_batchnorm(_Separables().eval(), seed=6)
+    x = torch.randn(2, 8, 10, 12, generator=torch.Generator().manual_seed(7))
+    compiled = qlfx.compile(model, "fold-bn,dce", example_inputs=(x,))
+    module = compiled.to_tvm("llvm", progress=False)
+    with torch.no_grad():
+        _close(module(x), model(x))
+    kernels = sorted(r.kernel for r in module.kernels)
+    assert kernels == ["packed_conv1x1_n2_c16_10x12_m8_s1_biasa", "packed_conv1x1_n2_c8_8x10_m8_s1_biasa",
+                       "separable_n2_c8_10x12_mid8_m8_s1_k3_d1_biasab_clamp0p0_6p0_residual"], kernels
+    plain = compiled.to_tvm("llvm", use_kernels=False, progress=False)
+    assert plain.kernels == []
+    with torch.no_grad():
+        _close(plain(x), model(x))
+
+
+def test_timm_mobilenet_runs_its_separable_convs_as_separable_kernels():
+    """timm's MobileNetV2 (dw-BN-ReLU6-pw-BN, residual adds), as timm writes it."""
+    timm = pytest.importorskip("timm")
+    model = randomize_batchnorm(timm.create_model("mobilenetv2_050").eval(), seed=8)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    module = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,)).to_tvm("llvm", progress=False)
+    with torch.no_grad():
+        _close(module(x), model(x), rel=1e-5)
+    separable = [r for r in module.kernels if r.kind == "separable"]
+    assert len(separable) == 17 and all("_clamp0p0_6p0" in r.kernel for r in separable)
+    assert sum(r.kernel.endswith("_residual") for r in separable) == 10
 
 
 def test_plain_graph_without_kernels_matches_torch():
@@ -242,9 +293,20 @@ class _AuthorsStyleBlock(nn.Module):
         return self.shortcut(torch.relu(y))
 
 
+class _RepeatThenDepthwise(nn.Module):
+    def __init__(self, c=16):
+        super().__init__()
+        self.dw = nn.Conv2d(2 * c, 2 * c, 3, padding=1, groups=2 * c)
+
+    def forward(self, x):
+        return self.dw(torch.repeat_interleave(x, 2, dim=1)).relu()
+
+
 def test_plain_1x1_convs_and_channel_repeats_lower_to_qlfx_kernels():
-    """Every 1x1 conv runs on the packed GEMM kernel (kind conv1x1, bias or not, stride 2 too); a
-    depthwise conv reading repeated channels reads them in place (no repeat left in the module)."""
+    """Every 1x1 conv runs on the packed GEMM kernel (kind conv1x1, bias or not, stride 2 too); the
+    depthwise conv reading repeated channels and the 1x1 conv after it run as one separable kernel
+    that reads channel o // 2 in place (no repeat left in the module); a depthwise conv reading
+    repeated channels on its own reads them in place too."""
     model = randomize_batchnorm(_AuthorsStyleBlock().eval(), seed=2)
     x = torch.randn(2, 16, 12, 12, generator=torch.Generator().manual_seed(0))
     gm = qlfx.compile(model, "fold-bn", example_inputs=(x,)).graph_module
@@ -253,13 +315,21 @@ def test_plain_1x1_convs_and_channel_repeats_lower_to_qlfx_kernels():
         _close(module(x), model(x))
     assert sorted(r.kernel for r in module.kernels) == [
         "packed_conv1x1_n2_c16_12x12_m16_s1_biasa", "packed_conv1x1_n2_c16_12x12_m32_s2_biasnone",
-        "packed_conv1x1_n2_c32_12x12_m16_s1_biasa_residual"], module.kernels  # y += x0 in the epilogue
-    script = module.relax_module.script()
-    assert "groups=16" in script and "groups=32" not in script  # the depthwise conv reads channel o // 2
+        "separable_n2_c16_12x12_mid32_m16_s1_k3_d1_biasab_clamp0p0_None_residual"], module.kernels  # y += x0 too
+    from tvm import relax
+
+    script = relax.transform.DeadCodeElimination()(module.relax_module).script()  # as the build does first
+    assert "R.broadcast_to" not in script and "R.nn.conv2d" not in script
     plain = build_tvm(gm, (x,), progress=False, use_kernels=False)
     assert plain.kernels == [] and "groups=32" in plain.relax_module.script()
     with torch.no_grad():
         _close(plain(x), model(x))
+
+    alone = _RepeatThenDepthwise().eval()
+    module = build_tvm(qlfx.trace(alone, (x,)), (x,), progress=False)
+    assert "groups=16" in module.relax_module.script() and "groups=32" not in module.relax_module.script()
+    with torch.no_grad():
+        _close(module(x), alone(x))
 
 
 class _GatedConv(nn.Module):
@@ -397,7 +467,7 @@ def test_export_loads_and_runs_without_torch(compiled_small, tmp_path):
     so = module.export(tmp_path / "model.so")
     meta = json.loads((tmp_path / "model.json").read_text())
     assert so.exists() and meta["inputs"][0]["shape"] == [2, 3, 64, 64] and meta["num_outputs"] == 1
-    products = [k["node"] for k in meta["kernels"] if k["kind"] != "conv1x1"]
+    products = [k["node"] for k in meta["kernels"] if k["kind"] not in ("conv1x1", "separable")]
     assert meta["version"] == 2 and products == [n.name for n in _fused(compiled.graph_module)]
     assert len(meta["kernels"]) > len(products)  # the other 1x1 convs run on packed kernels too
     assert not list(tmp_path.glob(".*tmp*")), "temporary files left behind"

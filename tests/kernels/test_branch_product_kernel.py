@@ -38,11 +38,17 @@ def random_problem(spec: BranchProductSpec, seed: int = 0):
     weight_a = torch.randn(spec.weight_a_shape, generator=gen) / spec.in_channels**0.5
     weight_b = None if spec.kind == "conv1x1" else torch.randn(spec.weight_b_shape, generator=gen) / spec.in_channels**0.5
     bias_a = torch.randn(spec.out_channels, generator=gen) if spec.has_bias_a else None
-    bias_b = torch.randn(spec.out_channels, generator=gen) if spec.has_bias_b else None
+    bias_b = torch.randn(spec.weight_b_shape[0], generator=gen) if spec.has_bias_b else None
     return x, weight_a, bias_a, weight_b, bias_b
 
 
 def torch_reference(spec: BranchProductSpec, x, weight_a, bias_a, weight_b, bias_b) -> np.ndarray:
+    if spec.kind == "separable":  # conv1x1(clamp(depthwise(x repeated))), in float64
+        x = x.double().repeat_interleave(spec.depth_multiplier, 1)
+        hidden = F.conv2d(x, weight_b.double(), None if bias_b is None else bias_b.double(), stride=spec.stride,
+                          padding=spec.padding_b, dilation=spec.dilation_b, groups=spec.mid_channels)
+        hidden = hidden.clamp(spec.clamp_min, spec.clamp_max) if {spec.clamp_min, spec.clamp_max} != {None} else hidden
+        return F.conv2d(hidden, weight_a.double(), None if bias_a is None else bias_a.double()).float().numpy()
     a = F.conv2d(x.double(), weight_a.double(), None if bias_a is None else bias_a.double(), stride=spec.stride)
     if spec.kind == "conv1x1":
         return a.float().numpy()
@@ -123,7 +129,27 @@ ODD_SPECS = [
     BranchProductSpec(2, 24, 7, 9, 40, "conv1x1", stride=2, has_bias_b=False, has_residual=True),
     BranchProductSpec(1, 24, 7, 9, 40, "pointwise", has_residual=True),
     BranchProductSpec(1, 10, 7, 9, 40, "depthwise", stride=2, has_residual=True),
+    BranchProductSpec(1, 8, 6, 10, 24, "separable", mid_channels=16),  # PDEBlock: 2x repeat, dw, 1x1
+    BranchProductSpec(2, 8, 7, 9, 40, "separable", stride=2, has_bias_a=False, clamp_min=0.0, clamp_max=6.0),
+    BranchProductSpec(1, 8, 11, 6, 32, "separable", mid_channels=32, dilation_b=2, has_bias_b=False, clamp_min=0.0,
+                      has_residual=True),
+    BranchProductSpec(1, 4, 9, 9, 16, "separable", kernel_size_b=5, padding_b=2, clamp_min=-1.0, clamp_max=1.0),
 ]
+
+
+def test_separable_spec_and_knobs():
+    spec = BranchProductSpec(1, 8, 6, 10, 24, "separable", mid_channels=16, stride=2)
+    assert spec.weight_a_shape == (24, 16, 1, 1) and spec.weight_b_shape == (16, 1, 3, 3)
+    assert spec.packed_weight_a_shape == (2, 16, 16) and spec.output_shape == (1, 24, 3, 5)
+    assert spec.flops == 2 * 24 * 16 * 15 + 2 * 16 * 15 * 9
+    choices = llvm_knob_choices(spec)
+    assert choices["pixel_outer"] == [1] and choices["p_tile"] == [5]  # tiles within one output row
+    with pytest.raises(ValueError, match="multiple of in_channels"):
+        BranchProductSpec(1, 8, 6, 10, 24, "separable", mid_channels=12)
+    with pytest.raises(ValueError, match="belong to kind='separable'"):
+        BranchProductSpec(1, 8, 6, 10, 24, "conv1x1", has_bias_b=False, clamp_min=0.0)
+    with pytest.raises(ValueError, match="pixel_outer=0 is not one of"):
+        build_branch_product(spec, knobs=LlvmKnobs(1, 5, 0))
 
 
 def test_residual_is_an_argument_exactly_when_the_spec_has_one():
@@ -140,13 +166,19 @@ def test_llvm_kernel_matches_torch(spec):
     assert_matches_torch(spec, build_branch_product(spec))
 
 
-@pytest.mark.parametrize("kind", ["pointwise", "depthwise", "conv1x1"])
+@pytest.mark.parametrize("kind", ["pointwise", "depthwise", "conv1x1", "separable"])
 def test_llvm_kernel_every_knob_value(kind):
-    """Each value of each knob once (m_vecs 1/2, pixel tiles that cross rows, both loop orders)."""
+    """Each value of each knob once (m_vecs 1/2/4, pixel tiles that cross rows, both loop orders;
+    separable: pixel tiles outer, tiles within a row)."""
     spec = BranchProductSpec(1, 16, 6, 10, 64, kind, has_bias_b=False)  # 60 pixels, rows of 10
     choices = llvm_knob_choices(spec)
-    assert choices["m_vecs"] == [1, 2, 4] and 4 in choices["p_tile"] and 12 in choices["p_tile"]
-    configs = {LlvmKnobs(m, p, o) for m, p, o in [(1, 4, 0), (2, 12, 1), (4, 3, 0), (1, 20, 1)]}
+    assert choices["m_vecs"] == [1, 2, 4]
+    if kind == "separable":
+        assert choices["p_tile"] == [2, 5, 10]
+        configs = {LlvmKnobs(m, p, 1) for m, p in [(1, 2), (2, 5), (4, 10)]}
+    else:
+        assert 4 in choices["p_tile"] and 12 in choices["p_tile"]
+        configs = {LlvmKnobs(m, p, o) for m, p, o in [(1, 4, 0), (2, 12, 1), (4, 3, 0), (1, 20, 1)]}
     for knobs in sorted(configs, key=str):
         assert_matches_torch(spec, build_branch_product(spec, knobs=knobs), seed=hash(knobs) % 1000)
 
@@ -251,6 +283,13 @@ def test_tuning_then_reuse_from_database(tmp_path, monkeypatch):
     assert again.knobs == first.knobs and again.best_seconds == first.best_seconds
     tvm.ir.assert_structural_equal(again.primfunc, first.primfunc)
     assert_matches_torch(TINY, again.build(), seed=1)
+
+
+def test_tuning_a_separable_kernel_searches_its_one_loop_order(tmp_path):
+    spec = BranchProductSpec(1, 8, 6, 10, 32, "separable", mid_channels=16, clamp_min=0.0)
+    tuned = tune_branch_product(spec, None, 3, str(tmp_path))
+    assert tuned.trials_run == 3 and tuned.knobs.pixel_outer == 1
+    assert_matches_torch(spec, tuned.build())
 
 
 def test_tuning_stores_the_untuned_schedule_as_the_record_to_beat(tmp_path, monkeypatch):
