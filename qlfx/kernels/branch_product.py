@@ -15,7 +15,10 @@ Three kinds:
   never touches memory.
 * ``depthwise`` (paper Eq.(3)): weight_b is [M, 1, k, k] with groups_b = Cin and M = mult*Cin; output
   channel o reads input channel o // mult. A is a GEMM; B is a 9-tap stencil computed for the same
-  output tile right before the epilogue.
+  output tile right before the epilogue, vectorised along the tile's pixels (part of one output row,
+  contiguous in the padded input), its weights broadcast. (Vectorised along the channels instead, a
+  vector holds only the ``mult`` outputs of one input channel: the stencil then cost as much as the
+  GEMM at stage 1 of Eq.(3).)
 * ``conv1x1``: the A branch alone, ``out = conv2d(x, weight_a) + bias_a`` (no weight_b): the 1x1
   convolutions that are no branch product (projections, strided shortcuts, expansions) get the same
   packed-weight GEMM micro-kernel. TVM's legalized NCHW conv vectorises along pixels and broadcasts
@@ -254,12 +257,9 @@ class BranchProductSpec:
     def packed_weight_b_shape(self) -> tuple[int, ...] | None:
         if self.kind == "conv1x1":
             return None
-        if self.kind == "separable":  # [mid, k, k]: scalars, broadcast along the pixels of a tile
-            return (self.mid_channels, self.kernel_size_b, self.kernel_size_b)
-        blocks = self.padded_out_channels // WEIGHT_BLOCK
-        if self.kind == "pointwise":
-            return (blocks, self.in_channels, WEIGHT_BLOCK)
-        return (blocks, self.kernel_size_b, self.kernel_size_b, WEIGHT_BLOCK)
+        if self.kind in ("separable", "depthwise"):  # [channels, k, k]: scalars broadcast along pixels
+            return (self.weight_b_shape[0], self.kernel_size_b, self.kernel_size_b)
+        return (self.padded_out_channels // WEIGHT_BLOCK, self.in_channels, WEIGHT_BLOCK)
 
     @property
     def flops(self) -> int:
@@ -313,7 +313,7 @@ def pack_weights(
     """Torch-layout weights -> the kernel's argument list (without x and out), in parameter order.
 
     weight_a [M, Cin, 1, 1] -> [ceil(M/16), Cin, 16]   (packed[mb, c, j] = weight_a[16*mb + j, c])
-    weight_b pointwise: same; depthwise [M, 1, k, k] -> [ceil(M/16), k, k, 16].
+    weight_b pointwise: same; depthwise [M, 1, k, k] -> [M, k, k].
     Rows beyond M are zero. Biases stay [M]; absent biases are dropped when the spec has none.
     conv1x1: weight_b and bias_b are None. separable: weight_a [M, mid, 1, 1] -> [ceil(M/16), mid, 16],
     weight_b [mid, 1, k, k] -> [mid, k, k], bias_b [mid].
@@ -343,10 +343,8 @@ def pack_weights(
         return args
     if spec.kind == "pointwise":
         args.append(blocked(wb.reshape(m, spec.in_channels)))
-    elif spec.kind == "separable":
-        args.append(np.ascontiguousarray(wb.reshape(spec.packed_weight_b_shape), dtype="float32"))
     else:
-        args.append(blocked(wb.reshape(m, spec.kernel_size_b, spec.kernel_size_b)))
+        args.append(np.ascontiguousarray(wb.reshape(spec.packed_weight_b_shape), dtype="float32"))
     if spec.has_bias_b:
         if bias_b is None:
             raise ValueError("the spec has has_bias_b=True but bias_b is None")
@@ -407,16 +405,16 @@ def _reference_without_residual(spec: BranchProductSpec, x, weight_a, bias_a, we
 
 
 # ------------------------------------------------------------------------------ the PrimFunc
-def _separable_hidden(spec: BranchProductSpec, x: Any, weight_b: Any, bias_b: Any, n_: Any) -> Any:
-    """The separable kind's depthwise stage, ``hidden[n, c, p]`` over the flat output pixel p:
+def _depthwise_stage(spec: BranchProductSpec, x: Any, weight_b: Any, n_: Any, channels: int) -> Any:
+    """The depthwise conv of the depthwise and separable kinds, ``dw[n, c, p]`` over the flat output
+    pixel p (its padded input ``xpad`` a stage of its own)::
 
-        xpad[n, c, i, j]  = x[n, c, i - pad, j - pad] inside, 0 outside
-        dw[n, c, p]       = sum_{ki,kj} Wb[c, ki, kj] * xpad[n, c // mult, ho*s + ki*d, wo*s + kj*d]
-        hidden[n, c, p]   = clamp(dw[n, c, p] + bias_b[c])
+        xpad[n, c, i, j] = x[n, c, i - pad, j - pad] inside, 0 outside
+        dw[n, c, p]      = sum_{ki,kj} Wb[c, ki, kj] * xpad[n, c // mult, ho*s + ki*d, wo*s + kj*d]
     """
     _, cin, h, w = spec.input_shape
     k, d, pad, s, mult = spec.kernel_size_b, spec.dilation_b, spec.padding_b, spec.stride, spec.depth_multiplier
-    wo, pixels = spec.out_width, spec.out_pixels
+    wo = spec.out_width
     xpad = te.compute(
         (n_, cin, h + 2 * pad, w + 2 * pad),
         lambda n, c, i, j: tirx.if_then_else(tirx.all(i >= pad, i < h + pad, j >= pad, j < w + pad),
@@ -425,12 +423,17 @@ def _separable_hidden(spec: BranchProductSpec, x: Any, weight_b: Any, bias_b: An
     )
     ki = te.reduce_axis((0, k), name="ki")
     kj = te.reduce_axis((0, k), name="kj")
-    dw = te.compute(
-        (n_, spec.mid_channels, pixels),
+    return te.compute(
+        (n_, channels, spec.out_pixels),
         lambda n, c, p: te.sum(weight_b[c, ki, kj] * xpad[n, c // mult, (p // wo) * s + ki * d, (p % wo) * s + kj * d],
                                axis=[ki, kj]),
         name="dw",
     )
+
+
+def _separable_hidden(spec: BranchProductSpec, x: Any, weight_b: Any, bias_b: Any, n_: Any) -> Any:
+    """The separable kind's hidden value ``hidden[n, c, p] = clamp(dw[n, c, p] + bias_b[c])``."""
+    dw = _depthwise_stage(spec, x, weight_b, n_, spec.mid_channels)
 
     def activation(n, c, p):
         value = dw[n, c, p] if bias_b is None else dw[n, c, p] + bias_b[c]
@@ -440,7 +443,7 @@ def _separable_hidden(spec: BranchProductSpec, x: Any, weight_b: Any, bias_b: An
             value = tirx.min(value, tirx.const(spec.clamp_max, "float32"))
         return value
 
-    return te.compute((n_, spec.mid_channels, pixels), activation, name="hidden")
+    return te.compute((n_, spec.mid_channels, spec.out_pixels), activation, name="hidden")
 
 
 def branch_product_primfunc(spec: BranchProductSpec) -> tirx.PrimFunc:
@@ -450,7 +453,7 @@ def branch_product_primfunc(spec: BranchProductSpec) -> tirx.PrimFunc:
     Blocks::
 
         acc[n, p, t, m] = sum_c W_t[m, c] * x[n, c, (p // Wo)*s, (p % Wo)*s]    t in {A} or {A, B}
-        dw[n, p, m]     = sum_{i,j} Wb[m, i, j] * xpad[n, m // mult, ho*s + i*d - pad, wo*s + j*d - pad]
+        dw[n, m, p]     = sum_{i,j} Wb[m, i, j] * xpad[n, m // mult, ho*s + i*d, wo*s + j*d]  (m < M)
                                                                                (depthwise kind only)
         out[n, m, ho, wo] = (acc[n, p, 0, m] + bias_a[m]) * (B[n, p, m] + bias_b[m]),  p = ho*Wo + wo
                           (conv1x1: acc[n, p, 0, m] + bias_a[m]);  + residual[n, m, ho, wo] if any
@@ -514,24 +517,8 @@ def branch_product_primfunc(spec: BranchProductSpec) -> tirx.PrimFunc:
             lambda n, p, t, m: te.sum(weight_a[m // vb, c, m % vb] * x_at(n, c, p), axis=c),
             name="acc",
         )
-        k, d, pad, mult = spec.kernel_size_b, spec.dilation_b, spec.padding_b, spec.depth_multiplier
-        ki = te.reduce_axis((0, k), name="ki")
-        kj = te.reduce_axis((0, k), name="kj")
-
-        def tap(n, p, m, i, j):
-            row = (p // wo) * s + i * d - pad
-            col = (p % wo) * s + j * d - pad
-            # m >= M only occurs in the padded (zero-weight) rows; clamp so the read stays in bounds.
-            channel = tirx.min(m // mult, cin - 1)
-            inside = tirx.all(row >= 0, row < h, col >= 0, col < w)
-            return tirx.if_then_else(inside, x[n, channel, row, col], tirx.const(0.0, "float32"))
-
-        dw = te.compute(
-            (n_, pixels, mp),
-            lambda n, p, m: te.sum(weight_b[m // vb, ki, kj, m % vb] * tap(n, p, m, ki, kj), axis=[ki, kj]),
-            name="dw",
-        )
-        operand_b = lambda n, p, m: dw[n, p, m]  # noqa: E731
+        dw = _depthwise_stage(spec, x, weight_b, n_, m_out)  # the real channels: only out reads it
+        operand_b = lambda n, p, m: dw[n, m, p]  # noqa: E731
 
     def value(n, m, i, j):
         p = i * wo + j
@@ -599,12 +586,12 @@ def llvm_knob_choices(spec: BranchProductSpec) -> dict[str, list[int]]:
     """Values each llvm knob may take for ``spec`` (the tuning space is their product).
 
     p_tile: divisors of Ho*Wo in [2, 28] (or the largest divisor <= 28 when there is none);
-    m_vecs: 1, 2, 4 where they divide ceil(M/16). separable: p_tile divides Wo (a tile is part of one
-    output row, so its depthwise stage runs on contiguous pixels), pixel tiles outer (the depthwise
-    stage is computed once per pixel tile, for every channel tile).
+    m_vecs: 1, 2, 4 where they divide ceil(M/16). depthwise and separable: p_tile divides Wo (a tile
+    is part of one output row, so its depthwise stage runs on contiguous pixels); separable: pixel
+    tiles outer (the depthwise stage is computed once per pixel tile, for every channel tile).
     """
     blocks = spec.padded_out_channels // WEIGHT_BLOCK
-    run = spec.out_width if spec.kind == "separable" else spec.out_pixels
+    run = spec.out_width if spec.kind in ("separable", "depthwise") else spec.out_pixels
     pixels = [d for d in _divisors(run) if 2 <= d <= 28]
     if not pixels:
         pixels = [max(d for d in _divisors(run) if d <= 28)]
@@ -741,24 +728,13 @@ def schedule_llvm(sch: Schedule, spec: BranchProductSpec, knobs: LlvmKnobs | Non
     init = sch.decompose_reduction(acc, loops["c"])
     sch.vectorize(sch.get_loops(init)[-1])
 
-    if spec.kind == "depthwise":
-        dw = sch.get_sblock("dw")
-        sch.compute_at(dw, anchor, preserve_unit_loops=True)
-        loops = _inner_loops(sch, dw, ["n", "p", "m", "i", "j"])
-        d_mv, d_lane = sch.split(loops["m"], [None, WEIGHT_BLOCK])
-        sch.reorder(loops["n"], loops["p"], d_mv, loops["i"], loops["j"], d_lane)
-        mult = spec.depth_multiplier
-        if 1 < mult < WEIGHT_BLOCK and WEIGHT_BLOCK % mult == 0:
-            # Lanes = the `mult` outputs of one input channel: x[m // mult] is then one scalar,
-            # broadcast, instead of a 16-lane gather (which made this stencil cost 2x the GEMM).
-            d_group, d_lane = sch.split(d_lane, [None, mult])
-            sch.unroll(d_group)
-        sch.vectorize(d_lane)
-        d_init = sch.decompose_reduction(dw, loops["i"])
-        sch.vectorize(sch.get_loops(d_init)[-1])
-
-    if pixel_tile is not None:
-        _schedule_separable_stage(sch, pixel_tile)
+    if spec.kind == "depthwise":  # the stencil of this tile's channels and pixels
+        _schedule_depthwise_stage(sch, anchor, _stage_multiplier(spec, m_tile))
+    if pixel_tile is not None:  # every channel of this pixel tile, then the clamp
+        hidden = sch.get_sblock("hidden")
+        sch.compute_at(hidden, pixel_tile, preserve_unit_loops=True)
+        _schedule_depthwise_stage(sch, pixel_tile, _stage_multiplier(spec, spec.mid_channels))
+        sch.vectorize(sch.get_loops(hidden)[-1])
 
     # Epilogue: fully unrolled so every tile access is a constant index (keeps acc in registers).
     sch.unroll(m_inner)
@@ -766,22 +742,29 @@ def schedule_llvm(sch: Schedule, spec: BranchProductSpec, knobs: LlvmKnobs | Non
     return LlvmKnobs(m_vecs=m_vecs, p_tile=p_tile, pixel_outer=pixel_outer)
 
 
-def _schedule_separable_stage(sch: Schedule, pixel_tile: Any) -> None:
-    """The separable kind's depthwise stage: the padded input once, as a whole (parallel over the
-    channels; computed per pixel tile instead, its three-row halo made it cost 15 % more at stage 1
-    of qlnet50), then per pixel tile the taps and the clamp into tile-sized buffers, vectorised along
-    the tile's pixels (contiguous: the tile is part of one row), weights broadcast."""
-    hidden, dw, xpad = sch.get_sblock("hidden"), sch.get_sblock("dw"), sch.get_sblock("xpad")
-    for block in (hidden, dw):  # consumers first
-        sch.compute_at(block, pixel_tile, preserve_unit_loops=True)
+def _stage_multiplier(spec: BranchProductSpec, channels: int) -> int:
+    """Channels of the depthwise stage computed side by side: the depth multiplier where it divides
+    the stage's channel count (a tile's, or all), else 1."""
+    mult = spec.depth_multiplier
+    return mult if mult > 1 and channels % mult == 0 and mult <= WEIGHT_BLOCK else 1
+
+
+def _schedule_depthwise_stage(sch: Schedule, tile_loop: Any, multiplier: int) -> None:
+    """The depthwise stage (depthwise and separable kinds): the padded input once, as a whole
+    (parallel over the channels; per tile instead, its three-row halo cost 15 % more at stage 1 of
+    qlnet50), then the taps per tile at ``tile_loop``, vectorised along the tile's pixels (contiguous:
+    the tile is part of one row), weights broadcast; the ``multiplier`` channels that read one input
+    channel side by side, so each input vector is loaded once for all of them."""
+    dw, xpad = sch.get_sblock("dw"), sch.get_sblock("xpad")
+    sch.compute_at(dw, tile_loop, preserve_unit_loops=True)
     n, c, _, j = sch.get_loops(xpad)
     sch.parallel(sch.fuse(n, c))
     sch.vectorize(sch.split(j, [None, WEIGHT_BLOCK])[1])
-    sch.vectorize(sch.get_loops(hidden)[-1])
     loops = _inner_loops(sch, dw, ["n", "c", "p", "ki", "kj"])
-    sch.reorder(loops["n"], loops["c"], loops["ki"], loops["kj"], loops["p"])
-    sch.unroll(loops["ki"])
-    sch.unroll(loops["kj"])
+    c_outer, c_inner = sch.split(loops["c"], [None, multiplier])
+    sch.reorder(loops["n"], c_outer, loops["ki"], loops["kj"], c_inner, loops["p"])
+    for loop in (loops["ki"], loops["kj"], c_inner):
+        sch.unroll(loop)
     sch.vectorize(loops["p"])
     init = sch.decompose_reduction(dw, loops["ki"])
     sch.vectorize(sch.get_loops(init)[-1])
@@ -794,7 +777,11 @@ def schedule_cuda(sch: Schedule, spec: BranchProductSpec, knobs: CudaKnobs | Non
     Channels vary fastest across threads, so a warp reads consecutive packed weights; x values are
     shared by the warp (broadcast loads). The product is in the same kernel as the reduction (one
     ``blockIdx``/``threadIdx`` nest). ``knobs=None`` samples them (MetaSchedule design space).
+    The separable kind has no GPU schedule (the TVM emitter keeps its two convs apart on GPUs).
     """
+    if spec.kind == "separable":
+        raise ValueError("the separable kernel has a CPU schedule only; on cuda run its depthwise and 1x1 "
+                         "convs apart (qlfx's TVM emitter does)")
     values = {}
     rvs = {}
     for name, candidates in CUDA_KNOB_CHOICES.items():
@@ -821,10 +808,11 @@ def schedule_cuda(sch: Schedule, spec: BranchProductSpec, knobs: CudaKnobs | Non
         sch.unroll(loop)
     sch.decompose_reduction(acc, loops["c"])
     if spec.kind == "depthwise":
+        sch.compute_inline(sch.get_sblock("xpad"))  # the bounds test in the tap: no extra pass on a GPU
         dw = sch.get_sblock("dw")
         sch.compute_at(dw, thread, preserve_unit_loops=True)
         sch.set_scope(dw, 0, "local")
-        loops = _inner_loops(sch, dw, ["n", "p", "m", "i", "j"])
+        loops = _inner_loops(sch, dw, ["n", "m", "p", "i", "j"])
         for loop in loops.values():
             sch.unroll(loop)
         sch.decompose_reduction(dw, loops["i"])

@@ -169,13 +169,14 @@ def test_llvm_kernel_matches_torch(spec):
 @pytest.mark.parametrize("kind", ["pointwise", "depthwise", "conv1x1", "separable"])
 def test_llvm_kernel_every_knob_value(kind):
     """Each value of each knob once (m_vecs 1/2/4, pixel tiles that cross rows, both loop orders;
-    separable: pixel tiles outer, tiles within a row)."""
+    depthwise and separable: tiles within a row; separable: pixel tiles outer)."""
     spec = BranchProductSpec(1, 16, 6, 10, 64, kind, has_bias_b=False)  # 60 pixels, rows of 10
     choices = llvm_knob_choices(spec)
     assert choices["m_vecs"] == [1, 2, 4]
-    if kind == "separable":
+    if kind in ("depthwise", "separable"):  # tiles within one row of 10
         assert choices["p_tile"] == [2, 5, 10]
-        configs = {LlvmKnobs(m, p, 1) for m, p in [(1, 2), (2, 5), (4, 10)]}
+        orders = choices["pixel_outer"]
+        configs = {LlvmKnobs(m, p, orders[i % len(orders)]) for i, (m, p) in enumerate([(1, 2), (2, 5), (4, 10)])}
     else:
         assert 4 in choices["p_tile"] and 12 in choices["p_tile"]
         configs = {LlvmKnobs(m, p, o) for m, p, o in [(1, 4, 0), (2, 12, 1), (4, 3, 0), (1, 20, 1)]}
