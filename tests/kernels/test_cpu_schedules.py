@@ -126,6 +126,20 @@ def test_depthwise_padding_stays_a_stage():
     assert "if_then_else" not in str(conv.body), conv.body
 
 
+def test_pool_keeps_its_padding_and_leaves_the_strided_row_to_llvm():
+    """A max pool's padded input is its own stage (no bounds test in the pool's loop), rows run in
+    parallel, and the stride-2 loop along a row is not vectorised (every lane would be a gather)."""
+    (func,) = _fused_primfuncs(CASES["maxpool"][0]).values()
+    sch = cs.Reduction().apply(func, HOST, False)
+    names = [sch.get(b).name_hint for b in sch.get_child_blocks(sch.get_sblock("root"))]
+    assert "pad_temp" in names, names
+    pool = sch.get_sblock("pool_max")
+    assert "if_then_else" not in str(sch.get(pool).body)
+    loops = [sch.get(loop) for loop in sch.get_loops(pool)]
+    assert loops[0].kind == tvm.tirx.ForKind.PARALLEL and loops[0].extent == 8 * 6  # channels x rows
+    assert all(loop.kind == tvm.tirx.ForKind.SERIAL for loop in loops[1:])
+
+
 def test_branch_product_default_tile_fits_avx2():
     from qlfx.kernels import BranchProductSpec, default_llvm_knobs
 
