@@ -39,7 +39,11 @@ with x~ = [x; 1], K~ = K + the bias entry, expectations over calibration samples
 reader reads (channel-pruning "reconstruction"; it contains the mean rule and lets kept channels
 stand in for correlated deleted ones). ``compensate="refit"`` (the default) re-measures the moments
 on the current sliced graph after every accepted deletion step, so later refits also correct the
-drift of earlier deletions (a step is kept only if it still fits the budget after the refit);
+drift of earlier deletions (a step is kept only if it still fits the budget after the refit; a chosen
+step that breaks a budget as first measured is measured again with the readers refitted to it, and
+taken if it fits then -- the refit, not the deletion, was the limit: stats ``rescued``; if not, the
+same unit's move is tried with half as many channels, down to one, before the unit is retired or, for
+the accuracy budget, the path ends there);
 ``"refit-once"`` uses the unsliced statistics (x' = x) throughout; ``"mean"`` only feeds the deleted
 channels' reference means through the bias, b' = b + W[:, D] E[x_D]; ``false`` deletes only. The
 statistics, rotations and refits live in :mod:`qlfx.symmetry.slicing`; calibration sets of any size
@@ -59,6 +63,16 @@ constant; its values are read only by those and by convs/linears. The network's 
 never sliced, nor a fused ``qlfx::branch_product`` (run slice before fuse-product). Skipped units are
 reported with the reason.
 
+**Product units** (``products=true``, the default; :mod:`qlfx.symmetry.product_slicing`): a product
+z = a * b whose unit deletes its channels only several at a time with a stream's (Eq.(3): z_j, for
+j = 4s..4s+3, goes with stream channel s, which every later block reads) also gets a unit of its own:
+z_j is zero as soon as one factor's channel j is, so deleting z_j alone removes row j of each factor's
+writer (conv_a's row; the depthwise conv's output j, which then reads a gather of the stream), the
+per-channel constants' entries j on the factors' way and column j of z's readers, and no stream channel.
+Monomial-compatible, no rotation; ranked like tied units. Both units may delete channels of the same
+values: the trial zeroes both, a reader of both is refitted to what both keep, and physically the
+stream's unit goes first and the product unit's channels are mapped onto what it left.
+
 How many to delete: greedy, under one or both budgets --
 ``budget`` (relative output error: max over input sets and outputs of max|new - ref| / max|ref| on
 the calibration inputs + ``random_inputs`` seeded random inputs, the pass manager's check for lossy
@@ -67,21 +81,31 @@ labelled calibration samples: ``qlfx.compile(..., calibration=x, labels=y)``, ne
 unlabelled samples; the pass manager checks it on the same data). With neither, budget=0.01. Each
 round tries deleting the next ``step`` channels (``max(1, round(C * granularity))``) of each unit
 and takes the move with the most MACs saved per unit of score increase among those that keep the
-output budget (a unit whose next move breaks it is retired). The path is thus chosen without labels;
-the accuracy budget stops the search at the first chosen move that breaks it (continuing with other
-moves that happen to keep the accuracy fits the search to the labelled samples: measured on the
-digits example, 0.4 points lost on them but 1.3 on unseen images). It stops when no move fits. The
+output budget (a unit whose next move breaks it is retired). MACs saved are predicted by
+:class:`qlfx.symmetry.slice_cost.CostModel` (kept fractions of every conv's rows and columns), which
+counts a conv + pointwise pair -- a split made by ``factor`` -- at what it costs after
+``merge-pointwise``: deleting its inner channels saves nothing above the break-even width, so such a
+unit's moves are credited with its average saving on the way down, and where the search stops with
+one still above break-even (the deletions would be merged back), it gives that unit its channels back
+-- they only cost error -- and goes on with the budget they held (stats ``undone``). The path is thus
+chosen without labels; the accuracy budget stops the search at the first chosen move that breaks it
+(continuing with other moves that happen to keep the accuracy fits the search to the labelled samples:
+measured on the digits example, 0.4 points lost on them but 1.3 on unseen images). It stops when no
+move fits. The searches live in :mod:`qlfx.symmetry.slice_search`. The
 score (``score="mean"``, the default) is the mean over outputs of ||new - ref||^2 / ||ref||^2 on those
 inputs: the max error is set by one worst pixel of one input, so ranking moves by it is noisy and the
 search was not monotone in the budget; the mean squared error sees every sample, and unlike the
-accuracy it is smooth. ``score="max"`` ranks by the output budget's error itself. An accuracy budget is
-only as good as its labelled data: use samples the model was not trained on. ``target_macs=N`` also
+accuracy it is smooth. ``score="max"`` ranks by the output budget's error itself; ``score="kl"`` by the
+mean KL divergence of the first output's softmax from the reference's (a classifier's logits: it weighs
+changes near the decision boundary, where top-1 accuracy is lost; other outputs count as for "mean").
+An accuracy budget is only as good as its labelled data: use samples the model was not trained on. ``target_macs=N`` also
 stops the search once the graph needs at most N MACs (as :func:`qlfx.debug.count_macs` counts them: at
 the example's batch size), e.g. with a budget that never binds (accuracy_drop=100): pruning to a given
 cost. ``keep={unit id: count}`` (or ``"id:n/id:n"``) skips the search and keeps exactly that many
 channels per unit (to compare methods at equal FLOPs; the refit then runs twice). Stats: per unit the
-channels kept, MACs before/after (count_macs), error reached, accuracy before/after on the labelled
-calibration data, and ``keep``.
+channels kept, MACs before/after (count_macs), ``macs_predicted`` (the cost model's, merged pairs at
+their merged cost: what count_macs gives after merge-pointwise), error reached, accuracy before/after
+on the labelled calibration data, and ``keep``.
 
 **The search on large graphs** (``search="bisect"``; ``"auto"``, the default, takes it when the greedy
 search's predicted work -- ~2 evaluations per move, each a run on every evaluation set -- exceeds 5e12
@@ -109,7 +133,6 @@ calibration sets out and reports the error on them (qlfx.pass_manager, "Held-out
 from __future__ import annotations
 
 import copy
-import heapq
 import math
 import sys
 
@@ -121,6 +144,8 @@ from qlfx.debug import count_macs
 from qlfx.errors import UsageError
 from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
 from qlfx.symmetry import analyze, apply_elements
+from qlfx.symmetry.product_slicing import current_positions, product_units, shrink_per_channel_conv
+from qlfx.symmetry.slice_search import bisect_search, greedy_search
 from qlfx.symmetry.slicing import (OutputScore, Progress, Runner, TrialDeletion, Unit, channel_moments, linear_view,
                                    principal_axes, reader_moments, units_of)
 from qlfx.verify import random_inputs as make_random_inputs
@@ -132,7 +157,6 @@ _SEARCHES = ("auto", "greedy", "bisect")
 # search="auto" takes the greedy search while its predicted work -- ~2 evaluations per move, each a run of
 # the graph on every evaluation set -- stays under this many MACs (~5 minutes of one CPU core), else bisect
 _GREEDY_WORK_LIMIT = 5e12
-_RETIREMENTS = 4  # bisect: units retired per search when the move after the fitting prefix breaks the budget
 # ops that compute each channel from the same channel (or from pixels / samples of it) whatever C is
 _CHANNEL_COUNT_AGNOSTIC = (
     aten.add, aten.sub, aten.mul, aten.div, aten.neg, aten.where, aten.mean, aten.sum, aten.amax, aten.amin,
@@ -242,12 +266,6 @@ def _plan(gm: fx.GraphModule, report, unit: Unit) -> str | None:
                 return f"{ir.describe(user)} reads the unit and cannot lose input channels"
     if not unit.writers:
         return "nothing writes it with a weight"
-    for node in unit.writers + unit.depthwise:
-        w = ir.get_tensor(gm, linear_view(node).weight).shape
-        unit.macs_per_channel += math.prod(w[1:]) * math.prod(ir.shape(node)[2:]) * ir.shape(node)[1] / unit.size
-    for node in unit.readers + unit.inner:
-        w = ir.get_tensor(gm, linear_view(node).weight).shape
-        unit.macs_per_channel += w[0] * math.prod(w[2:]) * math.prod(ir.shape(node)[2:]) * w[1] / unit.size
     return None
 
 
@@ -261,23 +279,6 @@ def _received(gm: fx.GraphModule, unit: Unit, energy_of) -> torch.Tensor:
         column = w.movedim(1, 0).reshape(w.shape[1], -1).pow(2).sum(1)
         received.index_add_(0, unit.base_of[view.input.name], energy_of(view.input.name).double() * column)
     return received
-
-
-def _node_macs(gm: fx.GraphModule, node: fx.Node, batch: int) -> int:
-    """A conv/linear's MACs as qlfx.debug.count_macs counts them (a symbolic batch as the example's)."""
-    w = ir.get_tensor(gm, linear_view(node).weight).shape
-    return math.prod(w[1:]) * math.prod(d if isinstance(d, int) else batch for d in ir.shape(node))
-
-
-def _macs_after(total: int, base: dict[str, int], units: list[Unit]) -> float:
-    """The graph's MACs with each unit cut to ``unit.keep``: a conv loses the kept fraction of its
-    outputs (writers, per-channel convs) and of its inputs (readers) -- both for a conv between units."""
-    scale = dict.fromkeys(base, 1.0)
-    for unit in units:
-        frac = unit.keep / unit.size
-        for node in unit.writers + unit.depthwise + unit.readers + unit.inner:  # inner: rows and columns
-            scale[node.name] *= frac
-    return total - sum(base[name] * (1.0 - scale[name]) for name in base)
 
 
 def _first_samples(sets: list, samples: int) -> list:
@@ -314,7 +315,7 @@ class Slice(Pass):
     option_defaults = {"budget": None, "accuracy_drop": None, "method": "pca", "keep": None, "random_inputs": 2,
                        "seed": 0, "granularity": 0.0625, "min_channels": 1, "spaces": "all", "compensate": "refit",
                        "score": "mean", "target_macs": None, "search": "auto", "probe_samples": 8,
-                       "progress": "auto"}
+                       "progress": "auto", "products": True}
     default_budget = 0.01  # the output-error budget when neither budget nor accuracy_drop is given
 
     def lossy_budgets(self):
@@ -328,14 +329,16 @@ class Slice(Pass):
         if o["compensate"] not in _COMPENSATE:
             raise UsageError(f"slice: compensate must be one of {', '.join(map(str, _COMPENSATE))}, "
                              f"got {o['compensate']!r}")
-        if o["score"] not in ("mean", "max"):
-            raise UsageError(f"slice: score must be 'mean' or 'max', got {o['score']!r}")
+        if o["score"] not in ("mean", "max", "kl"):
+            raise UsageError(f"slice: score must be 'mean', 'max' or 'kl', got {o['score']!r}")
         if o["search"] not in _SEARCHES:
             raise UsageError(f"slice: search must be one of {', '.join(_SEARCHES)}, got {o['search']!r}")
         if o["progress"] not in (True, False, "auto"):
             raise UsageError(f"slice: progress must be true, false or auto, got {o['progress']!r}")
         if not isinstance(o["probe_samples"], int) or isinstance(o["probe_samples"], bool) or o["probe_samples"] < 1:
             raise UsageError(f"slice: probe_samples is a number of calibration samples >= 1, got {o['probe_samples']!r}")
+        if o["products"] not in (True, False):
+            raise UsageError(f"slice: products must be true or false, got {o['products']!r}")
         if o["spaces"] not in ("all", "rotatable"):
             raise UsageError(f"slice: spaces must be 'all' or 'rotatable', got {o['spaces']!r}")
         if o["accuracy_drop"] is not None and keep_given is None and not any(
@@ -364,6 +367,12 @@ class Slice(Pass):
                 units.append(unit)
             elif not any(sp.group.value == "identity" for sp, _ in unit.members):
                 result.skipped.append(Skip(f"{unit.describe()}; {unit.space.sites[0] if unit.space.sites else ''}", why))
+        if self.options["products"] and self.options["spaces"] == "all":
+            # a product's channels on their own where its unit deletes them only with a stream's
+            covered = {name for u in units for name, base in u.base_of.items() if len(base) == u.size}
+            found, why_not = product_units(gm, report, covered, len(report.spaces))
+            units += found
+            result.skipped += [Skip(f"product {site}", why) for site, why in why_not]
         if not units:
             result.notes.append("no channel space can be sliced")
             return result
@@ -376,7 +385,8 @@ class Slice(Pass):
             trial.moments = reader_moments(runner, gm, None, readers, calibration)
         eval_sets = calibration + make_random_inputs(ctx.example_inputs, int(self.options["seed"]),
                                                      int(self.options["random_inputs"]))
-        score = OutputScore(runner, gm, eval_sets, labels) if eval_sets else None  # references: after the rotation
+        score = (OutputScore(runner, gm, eval_sets, labels, "kl" if self.options["score"] == "kl" else "mse")
+                 if eval_sets else None)  # references: after the rotation
         if keep_given is not None:
             by_id = {u.id: u for u in units}
             unknown = set(keep_given) - set(by_id)
@@ -399,23 +409,26 @@ class Slice(Pass):
                                                                      and sys.stderr.isatty()), budget, count_macs(gm))
             result.stats["search"] = search
             if search == "greedy":
-                self._greedy(gm, units, trial, score, budget, accuracy_drop, ctx, result, measure, progress)
+                greedy_search(self.options, gm, units, trial, score, budget, accuracy_drop, ctx, result, measure,
+                              progress)
             else:
                 probe = OutputScore(runner, gm, _first_samples(eval_sets, int(self.options["probe_samples"])),
                                     [])
-                self._bisect(gm, units, trial, score, probe, budget, accuracy_drop, ctx, result, measure, progress)
+                bisect_search(self.options, gm, units, trial, score, probe, budget, accuracy_drop, ctx, result, measure,
+                              progress)
         masked = trial.apply()  # the tensors the deletion slices: refitted, deleted channels zeroed
         error = score.error(masked) if score is not None else float("nan")
         if score is not None and score.labelled:
             result.stats.update({"accuracy_before": score.base_accuracy, "accuracy_after": score.accuracy})
 
         macs_before = count_macs(gm)
+        survivors: dict[str, torch.Tensor] = {}  # value -> its original channels still there
         for unit in units:
             if unit.keep < unit.size:
                 if keep_given is not None and not ctx.allow_rewrite():
                     unit.keep = unit.size
                     continue
-                self._delete(gm, unit)
+                self._delete(gm, unit, survivors)
                 result.rewrites.append(f"{unit.describe()}: kept {unit.keep}"
                                        f"{' principal directions' if unit.rotation is not None else ' channels'}")
                 result.changed = True
@@ -432,7 +445,7 @@ class Slice(Pass):
             "dropped": {u.id: sorted(int(j) for j in u.order[u.keep:]) for u in units if u.keep < u.size},
             "spaces": {u.id: {"groups": sorted({sp.group.value for sp, _ in u.members}), "size": u.size,
                               "kept": u.keep, "rotated": u.rotation is not None,
-                              "members": [sp.id for sp, _ in u.members],
+                              "members": [sp.id for sp, _ in u.members], "product": u.product,
                               "site": u.space.sites[0] if u.space.sites else ""} for u in units},
         })
         accuracy = (f"; top-1 {score.base_accuracy:.2f}% -> {score.accuracy:.2f}% on labelled calibration "
@@ -479,103 +492,6 @@ class Slice(Pass):
                 unit.importance = _received(gm, unit, lambda name: unit.energy[unit.base_of[name]])
 
     # ---------------------------------------------------------------------------------- the search
-    def _greedy(self, gm, units, trial: TrialDeletion, score: OutputScore, budget, accuracy_drop, ctx, result,
-                measure_moments, progress: Progress) -> None:
-        limit = budget * (1.0 - 1e-3) if budget is not None else float("inf")  # margin for the final rounding
-        by_mean = self.options["score"] == "mean" or budget is None
-
-        def accurate() -> bool:  # of the state the score measured last
-            return accuracy_drop is None or score.base_accuracy - score.accuracy <= accuracy_drop + 1e-9
-
-        target = self.options["target_macs"]
-        batch = int(ctx.example_inputs[0].shape[0])
-        base_macs = {n.name: _node_macs(gm, n, batch) for u in units for n in u.convs}
-        total_macs = count_macs(gm)
-        current = score.error(trial.apply())
-        current_mean = score.mean_error
-        granularity = float(self.options["granularity"])
-        floor = int(self.options["min_channels"])
-        # Lazy greedy: each unit's next move is scored (MACs saved per unit of error added) when it is
-        # tried; after a move is taken the other scores are stale, and only the best-looking one is
-        # re-measured before it is taken. Every accepted move is measured in the current state, so the
-        # budget holds exactly; only the ordering is heuristic. ~2 evaluations per move instead of #units.
-        cache: dict[int, tuple] = {}  # unit id -> (gain, error, fresh, mean, (fits budget, fits accuracy))
-        done: set[int] = set()
-        evaluations = refits = accepted = 0
-
-        def step_of(unit):
-            return max(1, round(unit.size * granularity))
-
-        def measure(unit):
-            nonlocal evaluations
-            step = step_of(unit)
-            unit.keep -= step
-            err = score.error(trial.apply())
-            ok = (err <= limit, accurate())
-            unit.keep += step
-            evaluations += 1
-            progress.say(evaluations, accepted, current, _macs_after(total_macs, base_macs, units))
-            if by_mean:
-                gain = unit.macs_per_channel * step / max(score.mean_error - current_mean, 1e-12)
-            else:
-                gain = unit.macs_per_channel * step / max(err - current, 1e-9 * max(limit, 1e-12))
-            return gain, err, True, score.mean_error, ok
-
-        while True:
-            if target is not None and _macs_after(total_macs, base_macs, units) <= float(target):
-                break
-            live = [u for u in units if u.id not in done and u.keep - step_of(u) >= floor]
-            if not live:
-                break
-            for unit in live:
-                if unit.id not in cache:
-                    cache[unit.id] = measure(unit)
-            # The path is chosen without labels (gain from the mean output error; the output budget
-            # retires a unit). The accuracy budget only stops it, at the first best move that breaks it:
-            # searching on for other moves that happen to keep the labelled accuracy would fit the
-            # search to those few labels (measured: 0.4 points drop there, 1.3 on unseen images).
-            feasible = [u for u in live if cache[u.id][4][0] or not cache[u.id][2]]
-            if not feasible:
-                break
-            unit = max(feasible, key=lambda u: cache[u.id][0])
-            gain, err, fresh, mean, ok = cache[unit.id]
-            if not fresh:
-                cache[unit.id] = gain, err, fresh, mean, ok = measure(unit)
-                if not ok[0]:
-                    done.add(unit.id)
-                    continue
-                others = [cache[u.id][0] for u in feasible if u is not unit]
-                if others and gain < max(others):
-                    continue  # re-rank with the fresh score
-            elif not ok[0]:
-                done.add(unit.id)
-                continue
-            if not ok[1]:
-                result.stats["stopped_by"] = "accuracy_drop"
-                break
-            if not ctx.allow_rewrite():
-                result.skipped.append(Skip("slice", "rewrite limit reached (bisection)"))
-                break
-            unit.keep -= step_of(unit)
-            current, current_mean = err, mean
-            if self.options["compensate"] == "refit":
-                # refit after every step: the readers reproduce their reference outputs from what they now
-                # receive (earlier deletions included); kept only if the result still fits the budget
-                saved = trial.moments, trial.drifted
-                trial.moments, trial.drifted = measure_moments(), True
-                err = score.error(trial.apply())
-                refits += 1
-                if err <= limit and accurate():
-                    current, current_mean = err, score.mean_error
-                else:
-                    trial.moments, trial.drifted = saved
-            accepted += 1
-            del cache[unit.id]
-            cache.update({k: (v[0], v[1], False, v[3], v[4]) for k, v in cache.items()})
-        result.stats["evaluations"] = evaluations
-        result.stats["refits"] = refits
-        trial.apply()
-
     def _search_kind(self, gm, units, eval_sets) -> str:
         """search="auto": the greedy search while its predicted work is small, else bisect (docstring)."""
         if self.options["search"] != "auto":
@@ -587,152 +503,15 @@ class Slice(Pass):
         work = 2 * moves * samples * count_macs(gm) / batch
         return "greedy" if work <= _GREEDY_WORK_LIMIT else "bisect"
 
-    def _bisect(self, gm, units, trial: TrialDeletion, score: OutputScore, probe: OutputScore, budget, accuracy_drop,
-                ctx, result, measure_moments, progress: Progress) -> None:
-        """The search for large graphs: few evaluations of the whole calibration set.
-
-        1. Per unit, predict the mean output error of keeping k channels as s_u * D_u(k), with D_u(k)
-           the importance (what the readers receive) of the deleted channels and s_u measured by one
-           probe -- deleting a quarter of the unit alone -- on ``probe_samples`` samples.
-        2. Order every unit's moves by MACs saved per unit of predicted error into one path (a unit's
-           moves stay in its own order).
-        3. Bisect the longest prefix of the path that keeps the budgets (each probe of a prefix is one
-           exact evaluation on every evaluation set); with compensate="refit" then re-measure the refit
-           moments on that state and bisect the rest of the path again (up to three rounds): the refit
-           usually frees budget for more moves.
-        """
-        limit = budget * (1.0 - 1e-3) if budget is not None else float("inf")
-        granularity, floor = float(self.options["granularity"]), int(self.options["min_channels"])
-        batch = int(ctx.example_inputs[0].shape[0])
-        base_macs = {n.name: _node_macs(gm, n, batch) for u in units for n in u.convs}
-        total_macs = count_macs(gm)
-        evaluations = refits = 0
-
-        def step_of(unit):
-            return max(1, round(unit.size * granularity))
-
-        # 1. predicted error curves
-        scale: dict[int, float] = {}
-        for unit in units:
-            step = step_of(unit)
-            moves = (unit.size - floor) // step
-            if moves < 1:
-                continue
-            unit.keep = unit.size - step * max(1, min(moves, round(0.25 * unit.size / step)))
-            probe_error, probe_keep = probe.error(trial.apply()), unit.keep
-            deleted = float(unit.importance[unit.order[unit.keep:]].sum())
-            scale[unit.id] = probe.mean_error / deleted if deleted > 0 else probe.mean_error
-            unit.keep = unit.size
-            evaluations += 1
-            progress.say(evaluations, 0, probe_error, total_macs,
-                         f"probe: unit {unit.id} alone at {probe_keep}/{unit.size} channels")
-
-        def predicted(unit, keep) -> float:
-            deleted = float(unit.importance[unit.order[keep:]].sum())
-            return scale[unit.id] * (deleted if float(unit.importance.sum()) > 0 else unit.size - keep)
-
-        # 2. the path: a heap of each unit's next move, by MACs saved per predicted error added
-        path: list[tuple[Unit, int]] = []
-        keeps = {u.id: u.size for u in units}
-        heap = []
-
-        def push(unit):
-            keep = keeps[unit.id] - step_of(unit)
-            if unit.id in scale and keep >= floor:
-                added = predicted(unit, keep) - predicted(unit, keeps[unit.id])
-                gain = unit.macs_per_channel * (keeps[unit.id] - keep) / max(added, 1e-30)
-                heapq.heappush(heap, (-gain, unit.id, keep, unit))
-
-        for unit in units:
-            push(unit)
-        target = self.options["target_macs"]
-        while heap:
-            _, _, keep, unit = heapq.heappop(heap)
-            keeps[unit.id] = keep
-            path.append((unit, keep))
-            push(unit)
-
-        def set_state(m: int) -> None:
-            for unit in units:
-                unit.keep = unit.size
-            for unit, keep in path[:m]:
-                unit.keep = keep
-
-        if target is not None:  # the shortest prefix that reaches the cost, if any
-            for m in range(len(path) + 1):
-                set_state(m)
-                if _macs_after(total_macs, base_macs, units) <= float(target):
-                    path = path[:m]
-                    break
-
-        def fits(m: int) -> bool:
-            nonlocal evaluations
-            set_state(m)
-            err = score.error(trial.apply())
-            evaluations += 1
-            ok = err <= limit and (accuracy_drop is None or
-                                   score.base_accuracy - score.accuracy <= accuracy_drop + 1e-9)
-            if ok:
-                fitting[m] = err
-            progress.say(evaluations, shown[0], err, _macs_after(total_macs, base_macs, units),
-                         f"{m} of {len(path)} moves on the path: {'fits' if ok else 'over the budget'}")
-            return ok
-
-        # 3. bisection of the prefix length, then refit and bisect the rest
-        accepted = 0
-        fitting = {0: 0.0}  # prefix length -> its error, under the current refit moments
-        shown = [0]  # moves accepted, for the progress lines
-        retirements = 0
-        for _ in range(3 if self.options["compensate"] == "refit" else 1):
-            start = accepted
-            while True:
-                lo, hi = accepted, len(path)
-                while lo < hi:
-                    mid = (lo + hi + 1) // 2
-                    shown[0] = lo  # the longest prefix known to fit so far
-                    if fits(mid):
-                        lo = mid
-                    else:
-                        hi = mid - 1
-                accepted = shown[0] = lo
-                if accepted == len(path) or retirements >= _RETIREMENTS:
-                    break
-                # path[accepted] is the move that broke the budget (errors taken as monotone along the path):
-                # its unit is retired, as the greedy search retires a unit whose next move breaks it
-                culprit = path[accepted][0]
-                path = path[:accepted] + [(u, k) for u, k in path[accepted:] if u is not culprit]
-                fitting = {m: e for m, e in fitting.items() if m <= accepted}
-                retirements += 1
-            grew = accepted > start
-            if self.options["compensate"] != "refit" or accepted == 0:
-                break
-            set_state(accepted)
-            saved = trial.moments, trial.drifted, dict(fitting)
-            trial.moments, trial.drifted = measure_moments(), True
-            fitting = {}
-            refits += 1
-            if not fits(accepted):
-                trial.moments, trial.drifted, fitting = saved
-                break
-            if not grew or accepted == len(path) or fitting[accepted] >= saved[2][accepted]:
-                break  # nothing new to refit, or the refit freed no budget for more moves
-        for i in range(accepted):  # bisection of the pipeline (qlfx.debug.bisect): one rewrite per move
-            if not ctx.allow_rewrite():
-                result.skipped.append(Skip("slice", "rewrite limit reached (bisection)"))
-                accepted = i
-                break
-        set_state(accepted)
-        progress.say(evaluations, accepted, fitting.get(accepted, float("nan")),
-                     _macs_after(total_macs, base_macs, units), "done")
-        result.stats.update({"evaluations": evaluations, "refits": refits, "path_moves": len(path),
-                             "retired_units": retirements,
-                             "moves_accepted": accepted})
-        trial.apply()
-
     # --------------------------------------------------------------------------------- the rewrite
-    def _delete(self, gm: fx.GraphModule, unit: Unit) -> None:
+    def _delete(self, gm: fx.GraphModule, unit: Unit, survivors: dict[str, torch.Tensor]) -> None:
         """Physically remove the unit's deleted channels from the trial graph (whose tensors already hold
-        the refitted, zeroed values). Shapes are read from the vals, still those of the unsliced graph."""
+        the refitted, zeroed values). Shapes are read from the vals, still those of the unsliced graph;
+        ``survivors`` (value -> its original channels still there) maps the unit's channels onto what
+        earlier units' deletions left (a product unit after its stream's unit), and is updated."""
+        kept_at, left = {}, {}
+        for name in unit.base_of:
+            kept_at[name], left[name] = current_positions(unit, name, survivors)
 
         def replace(node, weight, bias, keep_bias_node=False):
             view = linear_view(node)
@@ -746,31 +525,35 @@ class Slice(Pass):
             return None if arg is None else ir.get_tensor(gm, arg).detach()
 
         for node in unit.writers + unit.depthwise:
-            kept = unit.kept_channels(node.name)
+            kept = kept_at[node.name]
             view = linear_view(node)
             bias = tensor(view.bias)
             replace(node, tensor(view.weight)[kept], None if bias is None else bias[kept])
         for node in unit.depthwise:
-            ir.ConvCall.of(node).set_args(groups=int(unit.kept_channels(node.args[0].name).numel()))
+            ir.ConvCall.of(node).set_args(groups=int(kept_at[node.args[0].name].numel()))
+        for node in unit.regrouped:  # per-channel convs whose input stays whole (product units)
+            shrink_per_channel_conv(gm, node, kept_at[node.name])
         for node in unit.slices:
             piece = ir.ChannelSlice.of(node)
-            gone = torch.isin(unit.base_of[piece.input.name], unit.order[unit.keep:])
+            name = piece.input.name
+            current = survivors.get(name, torch.arange(len(unit.base_of[name])))
+            gone = torch.isin(unit.base_of[name][current], unit.order[unit.keep:])
             start, stop = piece.start - int(gone[:piece.start].sum()), piece.stop - int(gone[:piece.stop].sum())
             node.args, node.kwargs = (piece.input, 1, start, stop), {}
         for node in unit.reshapes:
             args = ir.op_args(node)
             size = list(args["shape"] if "shape" in args else args["size"])  # aten.reshape names it shape
             if size[1] != -1:
-                size[1] = int(unit.kept_channels(node.name).numel())
+                size[1] = int(kept_at[node.name].numel())
             node.args, node.kwargs = (args["self"], size), {}
         for node in unit.readers + unit.inner:
             view = linear_view(node)
-            replace(node, tensor(view.weight)[:, unit.kept_channels(view.input.name)], None, keep_bias_node=True)
+            replace(node, tensor(view.weight)[:, kept_at[view.input.name]], None, keep_bias_node=True)
         for node, i in unit.constants:
             t = tensor(node.args[i])
             with gm.graph.inserting_before(node):
-                c = ir.constant_node(gm, t.index_select(t.dim() - (len(ir.shape(node)) - 1),
-                                                        unit.kept_channels(node.name)), f"{node.name}_const_sliced")
+                c = ir.constant_node(gm, t.index_select(t.dim() - (len(ir.shape(node)) - 1), kept_at[node.name]),
+                                     f"{node.name}_const_sliced")
             args = list(node.args)
             args[i] = c
             node.args = tuple(args)
@@ -778,3 +561,4 @@ class Slice(Pass):
             args = ir.op_args(node)
             if args["radius"] is None:  # keep r = sqrt(C_original): the default would shrink with C
                 node.args, node.kwargs = (args["x"], math.sqrt(ir.channels(node))), {}
+        survivors.update(left)

@@ -5,6 +5,8 @@ search ranks its moves by.
 
 **Units** (:class:`Unit`, :func:`units_of`): an untied channel space, or a class of spaces whose
 permutations are tied (per-channel ops, products); base index j names the channels deleted together.
+A product's channels may also form a unit of their own (:mod:`qlfx.symmetry.product_slicing`), so two
+units can delete channels of one value.
 
 **Running.** A graph captured without ``dynamic_batch`` specialises the example's batch size B (a
 flatten is ``aten.view(x, [B, C*H*W])``), so :class:`Runner` feeds it chunks of exactly B samples; a
@@ -28,7 +30,7 @@ With x~ = [x; 1], x the reader's input in a reference graph and x' the same valu
     A = E[x~' x~'^T],      B = E[x~' x~^T],
 
 and :func:`refit` solves  [W'_K, b'] = argmin E||W'_K x'_K + b' - (W x + b)||^2 over the kept channels
-K (and the bias entry, K~):  [W'_K, b'] = [W, b] B[K~]^T A[K~, K~]^-1 (ridge 1e-6 * mean diag).
+K (those every unit holding the reader's input keeps, and the bias entry, K~):  [W'_K, b'] = [W, b] B[K~]^T A[K~, K~]^-1 (ridge 1e-6 * mean diag).
 :func:`mean_shift` is the cheap alternative: b' = b + W[:, D] E[x_D] for the deleted channels D.
 
 **Trial deletions** (:class:`TrialDeletion`): the graph keeps its shapes; the deleted channels are
@@ -41,7 +43,10 @@ current error against the budget, the MACs saved -- like the TVM tuner's lines (
 
 **Score** (:class:`OutputScore`): per output, over the input sets, max|new - ref| / max|ref| (the lossy
 budget, as the pass manager checks it), the mean of ||new - ref||^2 / ||ref||^2 (smooth: every sample
-counts) and the top-1 accuracy of the first output on the labelled sets.
+counts) and the top-1 accuracy of the first output on the labelled sets. With ``mean="kl"`` the first
+output counts as class logits instead: the mean over samples of KL(softmax(ref) || softmax(new)), which
+weighs a sample's change by how much it moves the predicted distribution -- a small logit change barely
+counts on a confident sample and counts fully near the decision boundary, where top-1 flips.
 """
 from __future__ import annotations
 
@@ -57,7 +62,8 @@ from qlfx import ir
 from qlfx.verify import run_outputs, top1_correct
 
 __all__ = ["Unit", "units_of", "linear_view", "Runner", "channel_moments", "principal_axes", "compensable",
-           "reader_key", "reader_moments", "refit", "mean_shift", "TrialDeletion", "OutputScore", "Progress"]
+           "reader_key", "reader_moments", "refit", "mean_shift", "TrialDeletion", "OutputScore", "Progress",
+           "record_values"]
 
 InputSet = tuple[torch.Tensor, ...]
 
@@ -78,6 +84,7 @@ class Unit:
         self.base_of: dict[str, torch.Tensor] = {}
         self.writers: list[fx.Node] = []  # conv/linear from outside the unit into it: rows
         self.depthwise: list[fx.Node] = []  # per-channel convs inside the unit: rows and groups
+        self.regrouped: list[fx.Node] = []  # per-channel convs into the unit from outside: rows only (product units)
         self.slices: list[fx.Node] = []  # x[:, a:b] inside the unit
         self.reshapes: list[fx.Node] = []  # view / reshape inside the unit: the channel size
         self.readers: list[fx.Node] = []  # conv/linear from the unit out: columns
@@ -87,9 +94,9 @@ class Unit:
         self.order: torch.Tensor | None = None  # base indices, most important first
         self.rotation: torch.Tensor | None = None
         self.keep: int = size
-        self.macs_per_channel: float = 0.0
         self.importance: torch.Tensor | None = None  # per base index: what deleting it costs (a proxy)
         self.energy: torch.Tensor | None = None  # a rotated unit: the energy of principal axis j
+        self.product: str | None = None  # a product unit: the product node (qlfx.symmetry.product_slicing)
 
     @property
     def space(self):
@@ -102,11 +109,13 @@ class Unit:
     @property
     def convs(self) -> list[fx.Node]:
         """Every conv/linear whose weight the unit slices (rows, columns or both; each once)."""
-        return list(dict.fromkeys(self.writers + self.depthwise + self.readers))
+        return list(dict.fromkeys(self.writers + self.depthwise + self.regrouped + self.readers))
 
     def describe(self) -> str:
         groups = sorted({m.group.value for m, _ in self.members})
         ids = ",".join(str(m.id) for m, _ in self.members)
+        if self.product is not None:
+            return f"product {self.product} (unit {self.id}, space {ids}: {'/'.join(groups)}, {self.size} ch)"
         return f"space{'s' if len(self.members) > 1 else ''} {ids} ({'/'.join(groups)}, {self.size} ch)"
 
     def dropped_channels(self, node_name: str) -> torch.Tensor:
@@ -182,10 +191,11 @@ class Runner:
         """Per chunk of every set: for each graph, the values of the nodes named ``names``."""
         for inputs in sets:
             for piece, real in self.chunks(inputs):
-                yield [{k: self.trim(v, real) for k, v in _record(gm, names, piece).items()} for gm in graphs]
+                yield [{k: self.trim(v, real) for k, v in record_values(gm, names, piece).items()} for gm in graphs]
 
 
-def _record(gm: fx.GraphModule, names: set[str], inputs: InputSet) -> dict[str, torch.Tensor]:
+def record_values(gm: fx.GraphModule, names: set[str], inputs: InputSet) -> dict[str, torch.Tensor]:
+    """The values of the nodes named ``names`` in one run of ``gm`` on ``inputs`` (no autograd)."""
     values: dict[str, torch.Tensor] = {}
 
     class Recorder(fx.Interpreter):
@@ -321,6 +331,9 @@ class TrialDeletion:
         self._fits: dict = {}  # (reader, kept count) -> its refit under the current moments
         self.drifted = False  # True once the moments are those of a graph with deletions
         self._unshare()
+        # reader -> the units whose channels its input holds (readers of several units are fitted once)
+        self._readers = {r: [u for u in units if linear_view(r).input.name in u.base_of]
+                         for r in dict.fromkeys(r for u in units for r in u.readers)}
         self.saved = {}
         for unit in units:
             for node in unit.convs:
@@ -373,31 +386,36 @@ class TrialDeletion:
         with torch.no_grad():
             for target, value in self.saved.items():
                 ir.get_tensor(gm, target).copy_(value)
-            for unit in self.units:  # first the readers' compensation (a reader may also be a writer)
-                if not self.compensate or (unit.keep >= unit.size and not self.drifted):
+            for node, holders in self._readers.items():  # first the readers' compensation
+                # (a reader may also be a writer); its input may lose channels to several units (a
+                # product unit and the stream's): it is fitted to what all of them keep
+                if not self.compensate or (all(u.keep >= u.size for u in holders) and not self.drifted):
                     continue
-                for node in unit.readers:
-                    view = linear_view(node)
-                    key = reader_key(node)
-                    if view.bias is None or not compensable(node) or key not in self.moments:
-                        continue
-                    weight, bias = ir.get_tensor(gm, view.weight), ir.get_tensor(gm, view.bias)
-                    w2 = weight.reshape(weight.shape[0], weight.shape[1])  # a view: writes reach the weight
-                    if self.compensate in ("refit", "refit-once"):
-                        kept = unit.kept_channels(view.input.name)
-                        fit = (node.name, unit.keep)  # the search revisits states: solve each once
-                        if fit not in self._fits:
-                            self._fits[fit] = refit(self.saved[view.weight.target].reshape(w2.shape),
-                                                    self.saved[view.bias.target], self.moments[key], kept)
-                        fitted_w, fitted_b = self._fits[fit]
-                        w2[:, kept] = fitted_w.to(w2.dtype)
-                        bias.copy_(fitted_b.to(bias.dtype))
-                    else:
-                        bias.add_(mean_shift(w2, self.moments[key], unit.dropped_channels(view.input.name)).to(bias.dtype))
+                view = linear_view(node)
+                key = reader_key(node)
+                if view.bias is None or not compensable(node) or key not in self.moments:
+                    continue
+                weight, bias = ir.get_tensor(gm, view.weight), ir.get_tensor(gm, view.bias)
+                w2 = weight.reshape(weight.shape[0], weight.shape[1])  # a view: writes reach the weight
+                kept_mask = torch.ones(w2.shape[1], dtype=torch.bool)
+                for unit in holders:
+                    kept_mask &= ~torch.isin(unit.base_of[view.input.name], unit.order[unit.keep:])
+                if self.compensate in ("refit", "refit-once"):
+                    kept = torch.nonzero(kept_mask).flatten()
+                    fit = (node.name, tuple(u.keep for u in holders))  # the search revisits states: solve each once
+                    if fit not in self._fits:
+                        self._fits[fit] = refit(self.saved[view.weight.target].reshape(w2.shape),
+                                                self.saved[view.bias.target], self.moments[key], kept)
+                    fitted_w, fitted_b = self._fits[fit]
+                    w2[:, kept] = fitted_w.to(w2.dtype)
+                    bias.copy_(fitted_b.to(bias.dtype))
+                else:
+                    dropped = torch.nonzero(~kept_mask).flatten()
+                    bias.add_(mean_shift(w2, self.moments[key], dropped).to(bias.dtype))
             for unit in self.units:
                 if unit.keep >= unit.size:
                     continue
-                for node in unit.writers + unit.depthwise:
+                for node in unit.writers + unit.depthwise + unit.regrouped:
                     dropped = unit.dropped_channels(node.name)
                     view = linear_view(node)
                     ir.get_tensor(gm, view.weight)[dropped] = 0.0
@@ -414,8 +432,10 @@ class OutputScore:
     """The output error of a graph against the reference outputs on fixed input sets, and its top-1
     accuracy (percent, first output) on the sets that carry labels (module docstring)."""
 
-    def __init__(self, runner: Runner, gm: fx.GraphModule, sets: list[InputSet], labels: list[torch.Tensor | None]):
+    def __init__(self, runner: Runner, gm: fx.GraphModule, sets: list[InputSet], labels: list[torch.Tensor | None],
+                 mean: str = "mse"):
         self.runner = runner
+        self.mean = mean  # "mse": relative squared error per output; "kl": the first output as logits (below)
         self.sets = sets
         self.labels = list(labels) + [None] * (len(sets) - len(labels))
         self.labelled = any(y is not None for y in self.labels)
@@ -445,7 +465,7 @@ class OutputScore:
         self.mean_error, self.accuracy = float("inf"), float("-inf")
         outputs = self._outputs(gm)
         for refs, news in zip(self.refs, outputs):
-            for r, n in zip(refs, news):
+            for index, (r, n) in enumerate(zip(refs, news)):
                 if r.shape != n.shape:
                     return float("inf")
                 ref_max = float(r.abs().max())
@@ -453,6 +473,10 @@ class OutputScore:
                 if not math.isfinite(diff):
                     return float("inf")
                 worst = max(worst, diff / ref_max if ref_max > 0 else (0.0 if diff == 0 else float("inf")))
+                if self.mean == "kl" and index == 0 and r.dim() == 2:  # logits: KL(softmax(r) || softmax(n))
+                    log_p = torch.log_softmax(r, dim=1)
+                    mean_terms.append(float((log_p.exp() * (log_p - torch.log_softmax(n, dim=1))).sum(1).mean()))
+                    continue
                 ref_energy = float(r.pow(2).sum())
                 mean_terms.append(float((n - r).pow(2).sum()) / ref_energy if ref_energy > 0 else 0.0)
         self.mean_error = sum(mean_terms) / max(len(mean_terms), 1)

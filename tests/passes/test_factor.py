@@ -158,3 +158,76 @@ def test_factor_then_merge_on_zoo_layouts_with_random_bn(name):
     assert len(merge_row.result.rewrites) == len(factor_row.result.rewrites)
     with torch.no_grad():
         assert rel_error(model(x), c.graph_module(x)) <= 1e-5
+
+
+def test_slice_prices_a_split_at_its_merged_cost():
+    """slice's cost model (qlfx.symmetry.slice_cost) counts a conv + pointwise pair at what it costs after
+    merge-pointwise: min(k (C_in K^2 + C_out), C_out C_in K^2) per pixel for k inner channels. Measured
+    on the passes themselves: slice to k inner channels, merge-pointwise, count_macs."""
+    from qlfx.symmetry.slice_cost import CostModel
+    from qlfx.symmetry.slicing import Unit
+
+    model = Bottleneck(12).eval()
+    x = _x()
+    gm = qlfx.trace(model, (x[:4],))
+    first, second = (c.node for c in _convs(gm))
+    unit = Unit(0, [], 12)
+    unit.writers, unit.readers, unit.base_of = [first], [second], {first.name: torch.arange(12)}
+    cost = CostModel(gm, [unit], batch=4)
+    pixels = 4 * 8 * 8
+    sid = analyze(gm).spaces_of(first.name)[0]
+    for k in (3, 10, 11):  # break-even r* = 16 * 27 / (27 + 16) = 10.05
+        assert cost.macs({0: k}) == pytest.approx(min(k * (27 + 16), 16 * 27) * pixels)
+        assert cost.wasted(unit, {0: k}) == (k > 10)
+        c = qlfx.compile(model, f"slice<keep={sid}:{k};method=magnitude;budget=1e30;random_inputs=0>,merge-pointwise",
+                         example_inputs=(x[:4],), calibration=x, verify_inputs=0)
+        assert count_macs(c.graph_module) == pytest.approx(cost.macs({0: k}))
+    # moves above r* save nothing, but the search credits them with the average saving on the way down
+    assert cost.saving(unit, 12, 11) == 0
+    assert cost.rank_saving(unit, 12, 11, floor=1) == pytest.approx((16 * 27 - 43) * pixels / 11)
+
+
+@pytest.mark.parametrize("noise", [1e-3, 1.0])
+def test_factor_slice_merge_predicts_its_macs_and_leaves_no_wasted_split(noise):
+    """Low-rank stem (noise 1e-3): the split is sliced below its break-even width and stays. Full-rank
+    stem (noise 1): what slice cut of it would be merged back, so slice gives those directions back
+    (they only cost error) or never cuts them. Either way the MACs slice predicts are what the graph
+    needs after merge-pointwise, and no more than before factor."""
+    model = ReluStem(noise=noise).eval()
+    x = _x(256)
+    c = qlfx.compile(model, "fold-bn,factor<energy=1>,slice<budget=0.02;random_inputs=0>,merge-pointwise",
+                     example_inputs=(x[:8],), calibration=x, verify_inputs=0)  # energy=1: split even full rank
+    stats = next(r.result.stats for r in c.report.rows if r.pass_name == "slice")
+    base = count_macs(qlfx.compile(model, "fold-bn", example_inputs=(x[:8],)).graph_module)
+    assert count_macs(c.graph_module) == pytest.approx(stats["macs_predicted"])
+    assert count_macs(c.graph_module) <= base
+    # every split merge-pointwise multiplies back has the width factor gave it: slice spent nothing on it
+    widths = {r.split(":")[0]: int(r.split("conv to ")[1].split(" ")[0]) for r in c.report.rows[-3].result.rewrites}
+    for merged in c.report.rows[-1].result.rewrites:
+        second = merged.split(" + ")[1].split(":")[0]
+        assert int(merged.split(": ")[1].split(" inner")[0]) == widths[second], merged
+    if noise < 0.01:  # the low-rank stem's split pays and stays
+        assert not any(r.startswith("stem_conv2d + stem") for r in c.report.rows[-1].result.rewrites)
+    with torch.no_grad():
+        assert rel_error(model(x), c.graph_module(x)) <= 0.02
+
+
+def test_factor_with_calibration_splits_only_what_is_low_rank_there():
+    """With calibration data a conv is split only if at most ``energy`` of its bias-free output energy lies
+    beyond floor(3 r* / 4) principal directions: the rank-4 stem yes, a full-rank one not (said why);
+    without calibration data, or with energy=1, both."""
+    x = _x(128)
+    for noise, split in ((1e-3, True), (1.0, False)):
+        model = ReluStem(noise=noise).eval()
+        c = qlfx.compile(model, "fold-bn,factor", example_inputs=(x[:8],), calibration=x)
+        result = c.report.rows[-1].result
+        assert any(r.startswith("stem:") for r in result.rewrites) == split
+        if not split:
+            (skip,) = [s for s in result.skipped if s.site == "stem"]
+            width = int(0.75 * 24 * 75 / (75 + 24))  # 3/4 of r* for the 24 x 3 x 5 x 5 stem
+            assert "not low-rank on the calibration data" in skip.reason and f"beyond {width} principal" in skip.reason
+        for pipeline, kw in (("fold-bn,factor", {}), ("fold-bn,factor<energy=1>", {"calibration": x})):
+            rewrites = qlfx.compile(model, pipeline, example_inputs=(x[:8],), **kw).report.rows[-1].result.rewrites
+            assert any(r.startswith("stem:") for r in rewrites)
+    with pytest.raises(qlfx.UsageError, match="energy"):
+        qlfx.compile(ReluStem().eval(), "fold-bn,factor<energy=-1>", example_inputs=(x[:8],))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import qlfx
 import qlfx.passes.slice  # noqa: F401  (registers the pass before passes/__init__ lists it)
+from blocks import one_torch_thread  # noqa: F401  (autouse fixture)
 from qlfx import ir
 from qlfx.debug import count_macs
 from qlfx.errors import UsageError
@@ -588,3 +589,147 @@ def test_auto_search_is_greedy_on_small_graphs_and_progress_is_quiet_unless_aske
 def test_bad_search_options_are_usage_errors(option):
     with pytest.raises(UsageError, match=option.split("=")[0]):
         _slice(TwoStreams().eval(), f"budget=0.02;{option}", _calibration())
+
+
+# ------------------------------------------------------------- product units (issue 11.3: the Eq.(3) layout)
+def _eq3_folded(seed=5, n=32):
+    """qlnet-eq3-tiny (random weights, random BN statistics), BN folded; and its calibration images."""
+    model = randomize_batchnorm(create_model("qlnet-eq3-tiny"), seed=seed).eval()
+    x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    folded = qlfx.compile(model, "fold-bn,constant-fold,dce", example_inputs=(x[:8],)).graph_module.eval()
+    return qlfx.compile(folded, "dce", example_inputs=(x[:8],)).graph_module.eval(), x  # names stable under retrace
+
+
+def _product_units(gm):
+    """product node name -> its unit (the ids slice gives them: after the symmetry report's spaces)."""
+    from qlfx.symmetry.product_slicing import product_units
+
+    report = analyze(gm)
+    found, _ = product_units(gm, report, set(), len(report.spaces))
+    return {u.product: u for u in found}
+
+
+def _factors(gm, product):
+    """(the one-group conv factor, the per-channel conv factor) of an Eq.(3) product a * dw(u)."""
+    kinds = analyze(gm).node_kinds
+    a, b = product.args[:2]
+    return (a, b) if kinds[a.name] == "linear" else (b, a)
+
+
+def test_product_channels_go_without_the_stream_and_equal_zeroing_a_factor_row():
+    """Eq.(3): z = conv_a(u) * dw(u) is tied to the stream u, whose unit deletes z's channels only 4 at
+    a time with a stream channel. Its product unit deletes z_j alone: conv_a's row j, the depthwise output
+    j (the conv now reads a gather of u), conv_out's column j; u keeps every channel. The sliced graph
+    computes what the original computes with conv_a's row j and bias j zeroed (z_j = 0)."""
+    folded, x = _eq3_folded()
+    units = _product_units(folded)
+    assert len(units) == 4  # one per block; each stream unit ties its block's product k = 4 channels at a time
+    nodes = {n.name: n for n in folded.graph.nodes}
+    name, unit = next(iter(units.items()))
+    conv_a, dw = _factors(folded, nodes[name])
+    stream = ir.ConvCall.of(dw).input
+    c, row = _slice(folded, f"budget=1e30;method=magnitude;keep={unit.id}:{unit.size - 5};random_inputs=0;"
+                            f"compensate=false", x, verify_inputs=0)
+    dropped = row.result.stats["dropped"][unit.id]
+    assert len(dropped) == 5 and row.result.stats["keep"][unit.id] == unit.size - 5
+    gm = c.graph_module
+    new = {n.name: n for n in gm.graph.nodes}
+    assert ir.shape(new[conv_a.name])[1] == ir.shape(new[dw.name])[1] == unit.size - 5
+    gather = ir.ConvCall.of(new[dw.name]).input
+    assert ir.is_op(gather, aten.index_select) and gather.args[0].name == stream.name
+    assert ir.shape(new[stream.name])[1] == ir.shape(stream)[1]  # the stream keeps its channels
+    reader = next(iter(nodes[name].users))
+    assert ir.get_tensor(gm, ir.ConvCall.of(new[reader.name]).weight).shape[1] == unit.size - 5
+    ref = ir.copy_graph_module(folded)
+    conv = ir.ConvCall.of({n.name: n for n in ref.graph.nodes}[conv_a.name])
+    with torch.no_grad():
+        ir.get_tensor(ref, conv.weight)[dropped] = 0
+        ir.get_tensor(ref, conv.bias)[dropped] = 0
+    expected, got = _run(ref, x, 8), _run(gm, x, 8)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert not torch.allclose(got, _run(folded, x, 8), rtol=1e-3, atol=1e-3 * float(expected.abs().max()))
+
+
+def test_product_and_stream_units_deleting_the_same_values_compute_what_the_search_measured():
+    """The stream's unit and the product unit both delete channels of the product (and its factors);
+    physically the stream's unit goes first and the product unit's channels are mapped onto what is
+    left. With refitted readers (a reader of both units is fitted to what both keep), the sliced graph
+    computes what the trial deletion measured."""
+    folded, x = _eq3_folded(seed=8)
+    units = _product_units(folded)
+    report = analyze(folded)
+    name, unit = next(iter(units.items()))
+    tie = report.spaces[report.spaces_of(name)[0]].tie
+    stream_uid = min(sid for sid, _ in report.ties[tie])
+    stream_size = min(report.spaces[sid].size // m for sid, m in report.ties[tie])
+    p = qlfx.get_pass("slice", budget=1e30, random_inputs=0,
+                      keep=f"{stream_uid}:{stream_size - 3}/{unit.id}:{unit.size // 2}")
+    ctx = PassContext(example_inputs=(x[:8],), calibration=[(x,)])
+    gm, result = PassManager([p], verify=False).apply(p, folded, ctx)
+    dropped = result.stats["dropped"]
+    assert len(dropped[stream_uid]) == 3 and len(dropped[unit.id]) == unit.size - unit.size // 2
+    # channels of the product both units delete (stream channel s takes product channels 4s..4s+3)
+    k = unit.size // stream_size
+    by_stream = {s * k + r for s in dropped[stream_uid] for r in range(k)}
+    conv_a, _ = _factors(folded, {n.name: n for n in folded.graph.nodes}[name])
+    survivors = set(range(unit.size)) - by_stream - set(dropped[unit.id])
+    assert ir.shape({n.name: n for n in gm.graph.nodes}[conv_a.name])[1] == max(1, len(survivors))
+    with torch.no_grad():
+        error = float((_run(gm, x, 8) - _run(folded, x, 8)).abs().max() / _run(folded, x, 8).abs().max())
+    assert error == pytest.approx(result.stats["error"], rel=1e-3, abs=1e-6)
+    assert result.stats["macs_after"] == count_macs(gm) < result.stats["macs_before"]
+
+
+def test_product_units_hold_a_tight_budget_and_shrink_an_eq3_net():
+    folded, x = _eq3_folded(seed=3)
+    for budget in (0.05, 1e-6):  # 1e-6: too tight for any deletion
+        c, row = _slice(folded, f"budget={budget};granularity=0.25;random_inputs=1", x)
+        stats = row.result.stats
+        assert row.check.passed and stats["error"] <= budget and row.check.needed <= budget
+        assert _error(folded, c.graph_module, x[:8]) <= budget
+        products = [uid for uid, sp in stats["spaces"].items() if sp["product"] is not None]
+        assert len(products) == 4
+        if budget == 1e-6:
+            assert stats["macs_after"] == stats["macs_before"]
+        else:
+            assert any(stats["keep"][uid] < stats["spaces"][uid]["size"] for uid in products)
+            assert stats["macs_after"] < stats["macs_before"]
+
+
+def test_products_option_and_layouts_without_tied_products():
+    """The PDEBlock's hidden product is the base of its own unit (its halves are slices of one conv): no
+    product unit. products=false turns them off; anything but a boolean is a usage error. (A target
+    above the graph's MACs ends each search before its first move: only the units are looked at.)"""
+    model = randomize_batchnorm(create_model("qlnet-tiny"), seed=4).eval()
+    x = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    folded = qlfx.compile(model, "fold-bn,dce", example_inputs=(x[:8],)).graph_module.eval()
+    no_search = "budget=1e30;random_inputs=0;target_macs=1e30"
+    _, row = _slice(folded, no_search, x)
+    assert row.result.stats["spaces"] and not any(sp["product"] for sp in row.result.stats["spaces"].values())
+    eq3, y = _eq3_folded(n=16)
+    for option, count in (("", 4), (";products=false", 0)):
+        _, row = _slice(eq3, no_search + option, y)
+        assert sum(1 for sp in row.result.stats["spaces"].values() if sp["product"]) == count
+    with pytest.raises(UsageError, match="products"):
+        _slice(eq3, "budget=0.05;products=maybe", y)
+
+
+@pytest.mark.parametrize("kept", [[0, 1, 3, 4, 6, 7, 9, 10], [0, 2, 5, 7, 8, 11]])
+def test_a_per_channel_conv_keeps_any_outputs_with_its_input_whole(kept):
+    """Depthwise 3x3 (4 groups, 3 outputs each, stride 2, bias): keeping outputs K gives conv(x)[:, K]
+    exactly -- same groups when every group keeps as many (first case), else a gather of the inputs the
+    kept outputs read and one group per output (second case)."""
+    from qlfx.symmetry.product_slicing import shrink_per_channel_conv
+
+    conv = nn.Conv2d(4, 12, 3, stride=2, padding=1, groups=4)
+    x = torch.randn(2, 4, 9, 9, generator=torch.Generator().manual_seed(0))
+    gm = qlfx.trace(conv.eval(), (x,))
+    node = next(n for n in gm.graph.nodes if ir.is_op(n, aten.conv2d))
+    shrink_per_channel_conv(gm, node, torch.tensor(kept))
+    gm.graph.lint()
+    gm.recompile()
+    gathered = any(ir.is_op(n, aten.index_select) for n in gm.graph.nodes)
+    assert gathered == (len(kept) == 6)
+    assert ir.ConvCall.of(node).groups == (4 if len(kept) == 8 else 6)
+    with torch.no_grad():
+        assert torch.allclose(gm(x), conv(x)[:, kept], atol=1e-6)
