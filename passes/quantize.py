@@ -88,9 +88,9 @@ import torch.fx as fx
 from qlfx import ir
 from qlfx.errors import UsageError
 from qlfx.pass_manager import Pass, PassContext, PassResult, Skip, register_pass
-from qlfx.quantization import (ESTIMATORS, RangeObserver, absorbed_activation, activation_qparams,
-                               elementwise_operands, expand_branch_products, fake_quantize_value,
-                               fake_quantize_weight, has_vnni, linear_op, movement_source)
+from qlfx.quantization import (ESTIMATORS, RangeObserver, activation_qparams, expand_branch_products,
+                               fake_quantize_value, fake_quantize_weight, has_vnni, int8_values, linear_op,
+                               movement_source)
 from qlfx.requirements import BN_FOLDED
 from qlfx.symmetry.slicing import Runner
 from qlfx.verify import random_inputs as make_random_inputs
@@ -154,39 +154,11 @@ class Quantize(Pass):
             result.notes.append("no conv2d / linear with a stored weight to quantise")
             return result
 
-        values: dict[str, fx.Node] = {}  # quantised activations, in graph order of first mention
-        input_of: dict[str, str] = {}
-        written: set[fx.Node] = set()  # values an int8 op writes (its output, or the relu it absorbs)
-        for node in ops:
-            view = linear_op(node)
-            values.setdefault(view.input.name, view.input)
-            output = absorbed_activation(node) or node
-            values.setdefault(output.name, output)
-            written.add(output)
-            input_of[node.name] = view.input.name
-
-        def quantised_value(value: fx.Node) -> bool:
-            root = movement_source(value)
-            return value.name in values or (root is not None and root.name in values)
-
         # adds / muls of quantised values (a residual add, a branch product) run in int8 too: their inputs
-        # are read quantised and their output is quantised (QLinearAdd / QLinearMul), until nothing changes
-        elementwise: list[fx.Node] = []
-        grown = True
-        while grown:
-            grown = False
-            for node in gm.graph.nodes:
-                operands = elementwise_operands(node)
-                if node in elementwise or operands is None or not all(quantised_value(o) for o in operands):
-                    continue
-                elementwise.append(node)
-                for operand in operands:
-                    values.setdefault(operand.name, operand)
-                output = absorbed_activation(node) or node
-                values.setdefault(output.name, output)
-                written.add(output)
-                grown = True
-        values = {n.name: n for n in gm.graph.nodes if n.name in values}  # graph order
+        # are read quantised and their output is quantised (QLinearAdd / QLinearMul)
+        plan = int8_values(gm.graph, ops)
+        values, written, elementwise = plan.values, plan.written, plan.elementwise
+        input_of = {node.name: linear_op(node).input.name for node in ops}
         sets = list(ctx.search_calibration) + make_random_inputs(ctx.example_inputs, int(self.options["seed"]),
                                                           int(self.options["random_inputs"]), ctx.dynamic_batch)
         observers = {name: RangeObserver(seed=int(self.options["seed"]) + i) for i, name in enumerate(values)}

@@ -23,7 +23,7 @@ __all__ = ["quantize_weight_per_channel", "quantize_tensor_per_tensor", "weight_
            "quantize_bias", "RangeObserver", "ESTIMATORS", "is_quantized", "expand_branch_products", "linear_op",
            "fake_quantize_value", "fake_quantize_weight", "FAKE_QUANT_OPS", "has_vnni", "movement_source",
            "SELECTION_OPS", "ELEMENTWISE_INT8_OPS", "ABSORBED_ACTIVATIONS", "elementwise_operands",
-           "absorbed_activation"]
+           "absorbed_activation", "Int8Values", "int8_values"]
 
 _INT32 = (-(2 ** 31), 2 ** 31 - 1)
 
@@ -246,6 +246,51 @@ def linear_op(node: fx.Node) -> "ir.ConvCall | ir.LinearCall | None":
     if isinstance(view, ir.ConvCall) and isinstance(view.padding, str):
         return None
     return view
+
+
+class Int8Values:
+    """What runs in int8 around the linear ops ``ops`` (:func:`int8_values`): ``values`` -- the activations
+    on a per-tensor grid, name -> node in graph order; ``written`` -- those an int8 op writes (its output,
+    or the relu it absorbs); ``elementwise`` -- the adds / muls that run in int8 (QLinearAdd / QLinearMul)."""
+
+    def __init__(self, values: dict[str, fx.Node], written: set[fx.Node], elementwise: list[fx.Node]):
+        self.values, self.written, self.elementwise = values, written, elementwise
+
+    def on_grid(self, value: fx.Node) -> bool:
+        """Quantised itself, or made by moving / selecting the entries of a quantised value."""
+        root = movement_source(value)
+        return value.name in self.values or (root is not None and root.name in self.values)
+
+
+def int8_values(graph: fx.Graph, ops: "list[fx.Node]") -> Int8Values:
+    """The values the ``quantize`` pass puts on per-tensor grids when it runs ``ops`` (convs / linears with
+    stored weights) in int8: each op's input and output (after a relu it absorbs), then every add / mul
+    whose operands are all on a grid -- its operands and output too -- grown to a fixed point (a residual
+    add, a branch product)."""
+    values: dict[str, fx.Node] = {}
+    written: set[fx.Node] = set()
+    for node in ops:
+        values.setdefault(linear_op(node).input.name, linear_op(node).input)
+        output = absorbed_activation(node) or node
+        values.setdefault(output.name, output)
+        written.add(output)
+    found = Int8Values(values, written, [])
+    grown = True
+    while grown:
+        grown = False
+        for node in graph.nodes:
+            operands = elementwise_operands(node)
+            if node in found.elementwise or operands is None or not all(found.on_grid(o) for o in operands):
+                continue
+            found.elementwise.append(node)
+            for operand in operands:
+                values.setdefault(operand.name, operand)
+            output = absorbed_activation(node) or node
+            values.setdefault(output.name, output)
+            written.add(output)
+            grown = True
+    found.values = {n.name: n for n in graph.nodes if n.name in values}  # graph order
+    return found
 
 
 def fake_quantize_value(gm: fx.GraphModule, value: fx.Node, scale: float, zero_point: int, bits: int = 8,

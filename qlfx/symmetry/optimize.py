@@ -365,17 +365,18 @@ def _default_spaces(report: SymmetryReport) -> set[int]:
 def minimize(gm: fx.GraphModule, objective, spaces: Iterable[int] | None = None, steps: int = 200,
              lr: float = 0.02, report: SymmetryReport | None = None, orthogonal_map: str = "cayley",
              groups: Iterable[Group | str] | None = None, start: dict[int, Element] | None = None,
-             orthogonal: Iterable[int] = ()) -> tuple[dict[int, Element], list[float]]:
+             orthogonal: Iterable[int] = (),
+             diagonal: Iterable[int] = ()) -> tuple[dict[int, Element], list[float]]:
     """Descend (Adam) on ``objective(view)`` over the group elements of the chosen spaces.
 
     ``objective`` maps a :class:`GroupView` (``view.terms``: the weights touching the chosen spaces)
     to a scalar tensor. ``spaces`` / ``groups``: as :func:`select_spaces`. ``start``: elements to start
     from ({space id: element}; the search is over ``M(p) M_start``); ``orthogonal``: GL spaces to
-    search over O(n) only. Returns ``(elements, history)``
-    like :func:`minimize_l1` (``gm`` itself is not changed; the best iterate is returned)."""
+    search over O(n) only; ``diagonal``: GL spaces to search over their positive diagonals. Returns
+    ``(elements, history)`` like :func:`minimize_l1` (``gm`` itself is not changed; the best iterate is returned)."""
     report = report if report is not None else analyze(gm)
     ids_sorted = select_spaces(report, spaces, groups)
-    param = Parameterisation(report, ids_sorted, orthogonal_map, start, orthogonal)
+    param = Parameterisation(report, ids_sorted, orthogonal_map, start, orthogonal, diagonal)
     terms = _terms(gm, report, set(ids_sorted))
     if not ids_sorted or not terms:
         with torch.no_grad():

@@ -1,4 +1,5 @@
-"""rotate: equivalence (random weights and BN statistics), and lower int8 error on a stream with an outlier."""
+"""rotate: equivalence (random weights and BN statistics), and lower int8 error on a stream with an outlier
+(with the output-noise objective and with the per-tensor one)."""
 from __future__ import annotations
 
 import math
@@ -48,12 +49,15 @@ def outlier():
     return model, x, folded(model, x)
 
 
-def test_rotate_spreads_an_outlier_channel_and_lowers_int8_error(outlier):
+@pytest.mark.parametrize("objective", ["noise", "local"])
+def test_rotate_spreads_an_outlier_channel_and_lowers_int8_error(outlier, objective):
     model, x, gm = outlier
     calibration = [(torch.randn(4, 3, 10, 10),) for _ in range(2)]
-    new, rows = run_verified(gm, "rotate", x, calibration)
+    new, rows = run_verified(gm, f"rotate<objective={objective}>", x, calibration)
     row = rows["rotate"]
-    assert row.check.passed and row.result.changed
+    assert row.check.passed and row.result.changed and row.result.stats["objective"] == objective
+    # the noise objective reports the predicted output error of the rotated spaces' tensors
+    assert ("predicted int8 output error" in " ".join(row.result.notes)) == (objective == "noise")
     stream = [s for s in analyze(gm).spaces if s.group.value == "O" and s.size == 16]
     assert stream, "the stream should be O(16)"
     info = row.result.stats["per_space"][stream[0].id]
@@ -139,3 +143,9 @@ def test_rotate_rejects_bad_options(outlier):
         run_verified(gm, "rotate<p=1>", x)
     with pytest.raises(UsageError, match="weight_bits must be"):
         run_verified(gm, "rotate<weight_bits=4>", x)
+    with pytest.raises(UsageError, match="objective must be one of"):
+        run_verified(gm, "rotate<objective=global>", x)
+    with pytest.raises(UsageError, match="calibration"):
+        run_verified(gm, "rotate<objective=noise>", x)
+    with pytest.raises(UsageError, match="probes must be"):
+        run_verified(gm, "rotate<probes=0>", x)
