@@ -3,7 +3,7 @@
     python benchmarks/tvm_tuning.py                                  # qlnet50 b1 224, no tuning (records)
     python benchmarks/tvm_tuning.py --trials 16 --tuning-db /tmp/db   # tune: 16 trials per task on average
     python benchmarks/tvm_tuning.py --models qlnet50,qlnet-eq3 --batches 1,8 --trials 32
-    python benchmarks/tvm_tuning.py --fill-packaged --trials 16      # tune into qlfx/tuning_records/
+    python benchmarks/tvm_tuning.py --fill-packaged --trials 16      # tune into qlfx/tuning_records/ (best record per workload kept)
 
 Per model and batch: builds qlfx's TVM module (qlfx.DEFAULT_PIPELINE, fused kernels, every other
 task tuned with ``--trials`` per task on average, weighted by FLOPs; 0: the database's records and
@@ -158,6 +158,16 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             for batch in [int(b) for b in args.batches.split(",")]:
                 bench(name, batch, args, Path(tmp))
+    if args.fill_packaged:  # ship the best record per workload, no logs
+        import shutil
+
+        from qlfx.kernels.module_tuning import RECORD_FILE, prune_to_best
+
+        for folder in Path(args.tuning_db).iterdir():
+            shutil.rmtree(folder / "logs", ignore_errors=True)
+            if (folder / RECORD_FILE).exists():
+                before, after = prune_to_best(folder)
+                log(f"{folder}: kept the best of {before} records per workload: {after}")
     return 0
 
 

@@ -87,6 +87,31 @@ def records_for_target(database: Any, target: tvm.target.Target) -> Any:
     return kept
 
 
+def prune_to_best(folder: Path) -> tuple[int, int]:
+    """Keep, per workload and target, only the fastest valid record of the JSON database in ``folder``
+    (what a build looks up; TopHub shipped the same). For databases kept with qlfx: every trial of a
+    tuning run is otherwise stored. Rewritten atomically; returns (records before, after)."""
+    import json
+
+    path = Path(folder) / RECORD_FILE
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    best: dict[tuple[int, str], tuple[float, int, str]] = {}
+    for index, line in enumerate(lines):
+        workload, (_, run_secs, target, _) = json.loads(line)
+        secs = [float(s) for s in run_secs or []]
+        mean = sum(secs) / len(secs) if secs else math.inf
+        if mean >= 1e9:  # MetaSchedule stores 1e10 for a failed run
+            continue
+        key = (workload, json.dumps(target, sort_keys=True))
+        if key not in best or mean < best[key][0]:
+            best[key] = (mean, index, line)
+    kept = [line for _, _, line in sorted(best.values(), key=lambda v: v[1])]  # file order
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(lines), len(kept)
+
+
 def packaged_folder(target: tvm.target.Target, root: Path | None = None) -> Path:
     return (PACKAGED_RECORDS if root is None else Path(root)) / target_key(target)
 

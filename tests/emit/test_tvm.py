@@ -394,6 +394,34 @@ def test_packaged_records_are_used_for_their_target_only(tmp_path, monkeypatch):
     _close(other(x), expected)
 
 
+def test_packaged_records_keep_the_best_record_per_workload_and_target(tmp_path):
+    """prune_to_best (run by benchmarks/tvm_tuning.py --fill-packaged): per workload and target only the
+    fastest valid record stays, failed runs (1e10 s) go, and a build still finds the pruned kernel record."""
+    from qlfx.kernels import module_tuning
+
+    x = torch.randn(1, 16, 8, 8)
+    model = _GatedConv().eval()
+    compiled = qlfx.compile(model, qlfx.DEFAULT_PIPELINE, example_inputs=(x,))
+    compiled.to_tvm("llvm", tune_trials=4, tuning_db=tmp_path, progress=False)
+    folder = tmp_path / "branch-product"
+    path = folder / module_tuning.RECORD_FILE
+    lines = path.read_text().splitlines()
+    assert len(lines) >= 2
+    workload, (trace, _, target, args_info) = json.loads(lines[0])
+    other = dict(target, mcpu="x86-64")  # the same workload measured on another CPU: kept on its own
+    extra = [[workload, [trace, [1e10], target, args_info]], [workload, [trace, [5.0], other, args_info]],
+             [workload, [trace, [9.0], other, args_info]]]
+    path.write_text("\n".join(lines + [json.dumps(e) for e in extra]) + "\n")
+    fastest = min(sum(r[1][1]) / len(r[1][1]) for r in map(json.loads, lines))
+    assert module_tuning.prune_to_best(folder) == (len(lines) + 3, 2)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(sum(r[1][1]) / len(r[1][1]) for r in kept) == [fastest, 5.0]
+    module = compiled.to_tvm("llvm", tune_trials=0, tuning_db=tmp_path, progress=False)
+    assert module.kernels[0].from_database
+    with torch.no_grad():
+        _close(module(x), model(x))
+
+
 def test_tuned_kernel_serves_a_dynamic_batch(tmp_path):
     """A symbolic-batch site is tuned at the example's batch size; the tuned knobs schedule the kernel
     that takes any batch size, and the database entry is the example batch's."""
