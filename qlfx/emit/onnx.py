@@ -240,8 +240,8 @@ def store_quantized_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     onnxruntime's int8 fusion matches; return it (changed in place). Two rewrites, both exact:
 
     - a ``QuantizeLinear`` of a constant (a quantised weight) becomes the int8 initializer it computes
-      (``saturate(rint(w / scale) + zero_point)``, half to even as ONNX rounds), so ``DequantizeLinear``
-      reads stored integers;
+      (``saturate(rint(w * (1 / scale)) + zero_point)``, half to even, in float32 as torch's fake
+      quantisation computes it), so ``DequantizeLinear`` reads stored integers;
     - the float bias of a ``Conv`` / ``Gemm`` whose input and weight are both dequantised becomes int32
       ``q_b = rint(b / (s_x * s_w))`` with ``DequantizeLinear(q_b, s_x * s_w)`` (per output channel): the
       bias an int8 kernel adds to its int32 accumulator. Exact when ``b`` already lies on that grid
@@ -257,7 +257,10 @@ def store_quantized_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
             w, scale, zero = (constants[i] for i in node.input)
             axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
             info = np.iinfo(zero.dtype)
-            q = np.rint(w.astype(np.float32) / _per_axis(scale.astype(np.float32), axis, w.ndim))
+            # w * (1 / scale) in float32, as torch's fake_quantize computes it (w / scale rounds some ties the
+            # other way: the stored integers would differ from the simulation the pass manager checked)
+            inverse = np.float32(1) / _per_axis(scale.astype(np.float32), axis, w.ndim)
+            q = np.rint(w.astype(np.float32) * inverse)
             q = np.clip(q + _per_axis(zero.astype(np.float32), axis, w.ndim), info.min, info.max).astype(zero.dtype)
             graph.initializer.append(onnx.numpy_helper.from_array(q, node.output[0]))
             folded[node.output[0]] = q

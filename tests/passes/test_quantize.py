@@ -257,6 +257,33 @@ def _check_int8_onnx(model, x, calibration, tmp_path, estimator="mse", min_fused
     return compiled, fused
 
 
+def test_stored_int8_weights_are_the_simulations_integers():
+    """Each int8 weight the ONNX model stores is exactly the integer torch's fake quantisation rounded to
+    (float32 w * (1 / scale); w / scale rounds some ties the other way). Weights with many entries on
+    exact ties of the grid make the two roundings differ."""
+    from qlfx.emit.onnx import store_quantized_constants
+
+    torch.manual_seed(11)
+    scale = torch.rand(64) * 0.02 + 0.005
+    w = (torch.randint(-100, 100, (64, 512)) + 0.5) * scale[:, None]  # ties, up to float rounding
+    w = w * (1 + 1e-7 * torch.randn(64, 512))
+    w_node = onnx.numpy_helper.from_array(w.numpy(), "w")
+    s_node = onnx.numpy_helper.from_array(scale.numpy(), "s")
+    z_node = onnx.numpy_helper.from_array(np.zeros(64, np.int8), "z")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("QuantizeLinear", ["w", "s", "z"], ["wq"], axis=0),
+         onnx.helper.make_node("DequantizeLinear", ["wq", "s", "z"], ["y"], axis=0)],
+        "g", [], [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [64, 512])],
+        initializer=[w_node, s_node, z_node])
+    proto = store_quantized_constants(onnx.helper.make_model(graph))
+    (stored,) = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == "wq"]
+    fake = torch.fake_quantize_per_channel_affine(w, scale, torch.zeros(64, dtype=torch.int32), 0, -128, 127)
+    expected = torch.round(fake / scale[:, None]).to(torch.int8).numpy()
+    divided = np.clip(np.rint(w.numpy() / scale.numpy()[:, None]), -128, 127).astype(np.int8)
+    assert (divided != expected).any()  # the case is sharp: dividing would store other integers
+    assert np.array_equal(stored, expected)
+
+
 def test_int8_onnx_runs_int8_kernels_in_onnxruntime_and_matches_the_simulation(tmp_path):
     """Zoo QLNet (PDEBlocks with fused branch products, random BN statistics): ORT fuses QLinearConv and
     QLinearMul and agrees with the torch simulation within QUANTIZED_TOLERANCE."""
