@@ -408,7 +408,8 @@ def test_packaged_records_keep_the_best_record_per_workload_and_target(tmp_path)
     lines = path.read_text().splitlines()
     assert len(lines) >= 2
     workload, (trace, _, target, args_info) = json.loads(lines[0])
-    other = dict(target, mcpu="x86-64")  # the same workload measured on another CPU: kept on its own
+    # the same workload measured on another CPU: kept on its own
+    other = dict(target, mcpu="x86-64" if target.get("mcpu") != "x86-64" else "skylake")
     extra = [[workload, [trace, [1e10], target, args_info]], [workload, [trace, [5.0], other, args_info]],
              [workload, [trace, [9.0], other, args_info]]]
     path.write_text("\n".join(lines + [json.dumps(e) for e in extra]) + "\n")
