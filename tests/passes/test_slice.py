@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -712,6 +713,55 @@ def test_products_option_and_layouts_without_tied_products():
         assert sum(1 for sp in row.result.stats["spaces"].values() if sp["product"]) == count
     with pytest.raises(UsageError, match="products"):
         _slice(eq3, "budget=0.05;products=maybe", y)
+
+
+class HandWrittenEq3(nn.Module):
+    """An Eq.(3) net written the way a user would, not with qlfx's zoo: BN after every factor, the
+    depthwise factor's multiplier from ``x.size()[1]``, a numpy scale, ``x += x0``, an nn.Sequential
+    wrapper, hardtanh once per stage."""
+
+    class Block(nn.Module):
+        def __init__(self, width, mult=4):
+            super().__init__()
+            self.pw = nn.Sequential(nn.Conv2d(width, width * mult, 1), nn.BatchNorm2d(width * mult))
+            self.dw = nn.Sequential(nn.Conv2d(width, width * mult, 3, padding=1, groups=width),
+                                    nn.BatchNorm2d(width * mult))
+            self.out = nn.Sequential(nn.Conv2d(width * mult, width, 1), nn.BatchNorm2d(width))
+
+        def forward(self, x):
+            x0 = x
+            assert x.size()[1] * 4 == self.pw[0].out_channels
+            x = self.out(self.pw(x) * self.dw(x)) * np.float32(0.5)
+            x += x0
+            return x
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), nn.BatchNorm2d(width), nn.Hardtanh())
+        self.body = nn.Sequential(self.Block(width), self.Block(width), nn.Hardtanh())
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        return self.head(self.body(self.stem(x)).mean((2, 3)))
+
+
+def test_product_units_on_a_hand_written_eq3_net():
+    """Product units are found from the graph's structure, not the zoo's module names: on a hand-written
+    Eq.(3) net (random weights and BN statistics) each product gets one, some shrink, and the budget
+    holds on every calibration image."""
+    model = randomize_batchnorm(HandWrittenEq3(), seed=2).eval()
+    x = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    c = qlfx.compile(model, "fold-bn,slice<budget=0.05;granularity=0.25;random_inputs=0>", example_inputs=(x[:8],),
+                     calibration=x)
+    row = next(r for r in c.report.rows if r.pass_name == "slice")
+    stats = row.result.stats
+    products = [uid for uid, sp in stats["spaces"].items() if sp["product"] is not None]
+    assert len(products) == 2 and row.check.passed
+    assert any(stats["keep"][uid] < stats["spaces"][uid]["size"] for uid in products)
+    assert stats["macs_after"] < stats["macs_before"]
+    error = float((_run(c.graph_module, x, 8) - _run(model, x, 8)).abs().max() / _run(model, x, 8).abs().max())
+    # all 32 images: the search's sets and the quarter the pass manager held out (a superset: max >= search's)
+    assert stats["error"] - 1e-6 <= error <= 0.05
 
 
 @pytest.mark.parametrize("kept", [[0, 1, 3, 4, 6, 7, 9, 10], [0, 2, 5, 7, 8, 11]])
